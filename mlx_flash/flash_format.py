@@ -87,7 +87,8 @@ class BundleLayout:
 
         for name in names:
             if quantization:
-                bits, group = quantization["bits"], quantization["group_size"]
+                bits = quantization.get(f"{name}_bits", quantization["bits"])
+                group = quantization["group_size"]
                 add(f"{name}.weight", [d_model * bits // 32], "uint32")
                 add(f"{name}.scales", [d_model // group], dtype)
                 add(f"{name}.biases", [d_model // group], dtype)
@@ -226,3 +227,24 @@ def layer_view(data: np.ndarray, cfg: FlashConfig, layer: int) -> np.ndarray:
     off = cfg.layers[layer]["offset"]
     n = cfg.d_ff * cfg.layout.stride
     return data[off : off + n].reshape(cfg.d_ff, cfg.layout.stride)
+
+
+def field_arrays(rows, layout: BundleLayout) -> dict:
+    """Typed MLX views of bundle fields over a (n, stride) uint8 MLX array of bundles.
+
+    Returns {"gate"|"up"|"down": (n, d) array or (weight, scales, biases), "bias": (n, k)}.
+    Slicing and `view` keep these views of the same memory: no gather, no copy.
+    """
+    import mlx.core as mx
+
+    n = rows.shape[0]
+    out = {}
+    for f in layout.fields:
+        # (n, stride) bytes -> (n, nbytes) -> (n, *shape) of the field's dtype
+        v = rows[:, f.offset : f.offset + f.nbytes].view(getattr(mx, f.dtype)).reshape(n, *f.shape)
+        matrix, _, part = f.name.partition(".")
+        if part:
+            out.setdefault(matrix, {})[part] = v
+        else:
+            out[f.name] = v
+    return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v for k, v in out.items()}

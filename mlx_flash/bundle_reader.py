@@ -1,0 +1,403 @@
+"""Reading neuron bundles from flash (paper Section 3.2, "Improving throughput").
+
+The paper reads each active neuron's bundle (up row + down column, and gate row
+for GLU models) with one read, from 32 threads, bypassing the OS page cache so
+that the measured cost is the flash's and not DRAM's. This module does that on
+Linux (O_DIRECT) and macOS (F_NOCACHE), straight into the memory of a
+preallocated MLX array, so a loaded neuron is computed on where it landed:
+no staging buffer, no copy, no gather.
+
+    buf = alloc_buffer(slots, cfg.layout)          # once per layer
+    with BundleReader(folder, cfg) as reader:
+        reader.read(layer, neurons, buf, start_row=n)   # rows [n, n + len(neurons))
+        fields = buf.fields(n + len(neurons), cfg.quantization)  # typed MLX views
+
+Direct I/O is all or nothing: if it cannot be had (a filesystem in memory, a
+disk whose block size does not divide the bundle alignment) the reader says so
+and stops instead of silently measuring the page cache; `direct=False` is the
+explicit opt-out. Every bundle carries a CRC-32, checked right after its read.
+"""
+
+import errno
+import os
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import FlashError
+from .flash_format import BUNDLES_FILE, BundleLayout, FlashConfig
+
+BUFFER_ALIGN = 4096  # destination rows start on a page: enough for any disk's O_DIRECT
+MAX_CHUNK = 1 << 20  # split longer runs so threads share them (the paper: >= 32 KiB pays off)
+LAYER_CHUNK = 4 << 20  # read_layer_all: large sequential reads
+F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module lacks it before 3.13
+MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
+_EAGAIN_RETRIES = 1000
+
+MX_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
+
+
+# MARK: - destination buffer
+
+
+class BundleBuffer:
+    """`slots` bundle rows in ONE MLX uint8 array, also seen by numpy without a copy.
+
+    The reader writes into `np` (the OS needs a writable buffer address); the model
+    computes on `mx` and the typed views of `fields(n)`, which share that memory.
+    Rows start on a BUFFER_ALIGN boundary so O_DIRECT can land in them. Allocated
+    once: the data pointer never changes (the neuron cache asserts it).
+
+    MLX is lazy: a graph built on these views reads the bytes when it is evaluated,
+    so evaluate a layer's output before its rows are refilled or moved.
+    """
+
+    def __init__(self, slots: int, layout: BundleLayout, align: int = BUFFER_ALIGN):
+        self.slots, self.layout = slots, layout
+        size = slots * layout.stride
+        self._owner = mx.zeros((size + align,), dtype=mx.uint8)  # keeps the memory alive
+        mx.eval(self._owner)
+        whole = np.array(memoryview(self._owner), copy=False)  # shares memory
+        off = -whole.ctypes.data % align
+        self.np = whole[off : off + size].reshape(slots, layout.stride)  # (slots, stride) uint8
+        self.mx = self._owner[off : off + size].reshape(slots, layout.stride)  # same bytes
+        mx.eval(self.mx)
+        assert np.array(memoryview(self.mx), copy=False).ctypes.data == self.address
+
+    @property
+    def address(self) -> int:
+        return self.np.ctypes.data
+
+    def field(self, name: str, n: Optional[int] = None) -> mx.array:
+        """Typed (n, *shape) MLX view of one bundle field over rows [0, n)."""
+        f = self.layout.field(name)
+        dt = MX_DTYPES[f.dtype]
+        item = dt.size
+        assert f.offset % item == 0 and self.layout.stride % item == 0
+        rows = self.mx if n is None else self.mx[:n]
+        count = int(np.prod(f.shape))
+        v = rows.view(dt)[:, f.offset // item : f.offset // item + count]  # (n, count)
+        return v if len(f.shape) == 1 else v.reshape(v.shape[0], *f.shape)
+
+    def fields(self, n: Optional[int] = None, quantization: Optional[dict] = None) -> Dict:
+        """The dict `models.ffn.bundle_ffn` computes on: matrices as (n, d_model) views,
+        or (weight, scales, biases) triples when quantized; "bias" as (n, 1 or 2)."""
+        out = {}
+        for f in self.layout.fields:
+            base = f.name.split(".")[0]
+            if base in out:
+                continue
+            if quantization and base != "bias":
+                out[base] = tuple(self.field(f"{base}.{p}", n) for p in ("weight", "scales", "biases"))
+            else:
+                out[base] = self.field(base, n)
+        return out
+
+
+def alloc_buffer(slots: int, layout: BundleLayout, align: int = BUFFER_ALIGN) -> BundleBuffer:
+    return BundleBuffer(slots, layout, align)
+
+
+# MARK: - statistics
+
+
+@dataclass
+class ReadStats:
+    """What the reads cost: the figures beside ms/token in a benchmark."""
+
+    direct: bool = True  # page cache bypassed (False only when asked for)
+    calls: int = 0  # read() / read_layer_all() calls
+    bundles: int = 0  # bundles asked for
+    bytes_requested: int = 0  # bundles asked for x stride
+    bytes_read: int = 0  # bytes fetched, gap-filled bundles included
+    syscalls: int = 0  # preadv calls, retries included
+    seconds: float = 0.0  # wall time inside the read calls (I/O and CRC)
+
+    def reset(self):
+        direct = self.direct
+        self.__init__(direct=direct)
+
+    def snapshot(self) -> "ReadStats":
+        return replace(self)
+
+    def add(self, other: "ReadStats"):
+        for k in ("calls", "bundles", "bytes_requested", "bytes_read", "syscalls", "seconds"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+
+
+# MARK: - where direct I/O can be had
+
+
+def logical_block_size(path) -> int:
+    """The disk's logical block size: the unit of O_DIRECT offsets and lengths.
+
+    st_blksize and statvfs give the filesystem's preferred I/O size, not this.
+    """
+    st = os.stat(path)
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for rel in ("queue", "../queue"):  # a whole disk, or a partition of one
+        try:
+            with open(f"{dev}/{rel}/logical_block_size") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            pass
+    return 512
+
+
+def filesystem_type(path) -> Optional[str]:
+    """Linux: the type of the filesystem holding `path` (from /proc/self/mountinfo)."""
+    st = os.stat(path)
+    key = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[2] == key and "-" in parts:
+                    return parts[parts.index("-") + 1]
+    except OSError:
+        pass
+    return None
+
+
+def _open_direct(path: Path) -> int:
+    """Open for reads that bypass the page cache, or raise FlashError saying why not."""
+    if sys.platform.startswith("linux"):
+        fs = filesystem_type(path)
+        if fs in MEMORY_FILESYSTEMS:  # recent kernels accept O_DIRECT there: it would read DRAM
+            raise FlashError(
+                f"{path} is on {fs}, a filesystem in memory, so direct reads would not come from "
+                f"a disk: put the model on an SSD, or pass direct=False to read through the page cache"
+            )
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise FlashError(
+                f"the filesystem holding {path} refuses direct I/O (O_DIRECT): put the model on "
+                f"another disk, or pass direct=False to read through the page cache"
+            )
+    if sys.platform == "darwin":
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
+        except OSError as e:
+            os.close(fd)
+            raise FlashError(f"cannot bypass the page cache for {path} (F_NOCACHE: {e.strerror})")
+        return fd
+    raise FlashError(f"direct reads are not supported on {sys.platform}: pass direct=False")
+
+
+# MARK: - the reader
+
+
+class BundleReader:
+    """Reads neuron bundles of `ffn.bundles` into rows of a BundleBuffer.
+
+    Neurons whose bundles are adjacent on disk and whose destination rows are
+    adjacent become one read (the neuron cache appends new neurons in ascending
+    order, so this is the common case); `coalesce_gap` > 0 also reads up to that
+    many absent neurons between two requested ones to make longer reads, and the
+    caller gets back which neurons landed in which rows.
+    """
+
+    def __init__(self, path, cfg: FlashConfig, threads: int = 32, direct: bool = True,
+                 coalesce_gap: int = 0, verify: bool = True, max_chunk: int = MAX_CHUNK):
+        path = Path(path)
+        self.path = path / BUNDLES_FILE if path.is_dir() else path
+        self.cfg, self.layout = cfg, cfg.layout
+        self.threads, self.coalesce_gap, self.verify = max(1, threads), coalesce_gap, verify
+        self.chunk_bundles = max(1, max_chunk // self.layout.stride)
+        if not self.path.is_file():
+            raise FlashError(f"{self.path} is missing")
+        size = self.path.stat().st_size
+        if size != cfg.file_size:
+            raise FlashError(
+                f"{self.path} is truncated or corrupt: {size} bytes, expected {cfg.file_size}; "
+                f"convert the model again"
+            )
+        if direct:
+            block = logical_block_size(self.path)
+            if self.layout.alignment % block:
+                raise FlashError(
+                    f"{self.path} was converted with {self.layout.alignment}-byte bundle alignment but "
+                    f"its disk reads in {block}-byte blocks: reconvert with --alignment {max(block, 4096)}"
+                )
+            self.fd = _open_direct(self.path)
+        else:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        self.direct = direct
+        self.stats = ReadStats(direct=direct)  # cumulative
+        self.last = ReadStats(direct=direct)  # the latest call
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bundle-read")
+
+    # -- public API
+
+    def read(self, layer: int, neurons: np.ndarray, dest: Union[BundleBuffer, np.ndarray],
+             start_row: int = 0, rows: Optional[np.ndarray] = None,
+             coalesce_gap: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Read bundle neurons[k] of `layer` into dest row start_row + k (or rows[k]).
+
+        Returns (neurons, rows) as loaded: the input unless gap filling added neurons
+        (then rows are start_row .. start_row + len(neurons) - 1, in neuron order).
+        """
+        gap = self.coalesce_gap if coalesce_gap is None else coalesce_gap
+        buf = self._dest(dest)
+        neurons = np.asarray(neurons, dtype=np.int64).ravel()
+        requested = len(neurons)
+        if rows is None:
+            if gap > 0 and len(neurons) > 1:
+                neurons = self._fill_gaps(neurons, gap, spare=len(buf) - start_row - len(neurons))
+            rows = np.arange(start_row, start_row + len(neurons), dtype=np.int64)
+        else:
+            assert gap == 0, "gap filling needs consecutive destination rows (start_row)"
+            rows = np.asarray(rows, dtype=np.int64).ravel()
+            assert len(rows) == len(neurons)
+        self._check(layer, neurons, rows, len(buf))
+        return self._run(layer, neurons, rows, buf, self.chunk_bundles, requested)
+
+    def read_layer_all(self, layer: int, dest: Union[BundleBuffer, np.ndarray],
+                       chunk_bytes: int = LAYER_CHUNK):
+        """Every bundle of `layer` into dest rows [0, d_ff), in large reads (dense mode)."""
+        buf = self._dest(dest)
+        neurons = np.arange(self.cfg.d_ff, dtype=np.int64)
+        self._check(layer, neurons, neurons, len(buf))
+        self._run(layer, neurons, neurons, buf, max(1, chunk_bytes // self.layout.stride), len(neurons))
+
+    def close(self):
+        if self.fd >= 0:
+            self._pool.shutdown(wait=True)
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- internals
+
+    def _dest(self, dest) -> np.ndarray:
+        buf = dest.np if isinstance(dest, BundleBuffer) else dest
+        assert buf.dtype == np.uint8 and buf.ndim == 2 and buf.shape[1] == self.layout.stride
+        assert buf.flags.c_contiguous, "destination rows must be one contiguous block"
+        if self.direct:
+            assert buf.ctypes.data % self.layout.alignment == 0, "destination not aligned: use alloc_buffer"
+        return buf
+
+    def _check(self, layer, neurons, rows, capacity):
+        if not 0 <= layer < self.cfg.n_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.cfg.n_layers})")
+        if len(neurons) and (neurons.min() < 0 or neurons.max() >= self.cfg.d_ff):
+            raise IndexError(f"neuron ids out of range [0, {self.cfg.d_ff})")
+        if len(rows) and (rows.min() < 0 or rows.max() >= capacity):
+            raise IndexError(f"destination rows out of range [0, {capacity})")
+
+    @staticmethod
+    def _fill_gaps(neurons: np.ndarray, gap: int, spare: int) -> np.ndarray:
+        """Insert the absent neurons of gaps <= gap (left to right while rows remain)."""
+        if np.any(np.diff(neurons) <= 0):
+            raise ValueError("coalesce_gap needs neurons sorted ascending without repeats")
+        missing = np.diff(neurons) - 1  # (len-1,) absent neurons after neurons[k]
+        fill = (missing > 0) & (missing <= gap)
+        fill &= np.cumsum(np.where(fill, missing, 0)) <= max(spare, 0)
+        extra = np.append(np.where(fill, missing, 0), 0)  # (len,)
+        reps = extra + 1
+        first = np.repeat(np.cumsum(reps) - reps, reps)  # position of each group's head
+        return np.repeat(neurons, reps) + (np.arange(reps.sum()) - first)
+
+    def _run(self, layer, neurons, rows, buf, chunk_bundles, requested):
+        """Split into runs (consecutive on disk and in rows), runs into chunks; read them."""
+        t0 = time.perf_counter()
+        stride = self.layout.stride
+        call = ReadStats(direct=self.direct, calls=1, bundles=requested,
+                         bytes_requested=requested * stride, bytes_read=len(neurons) * stride)
+        if len(neurons):
+            brk = np.flatnonzero((np.diff(neurons) != 1) | (np.diff(rows) != 1)) + 1
+            starts = np.concatenate([[0], brk])  # (runs,) index of each run's first neuron
+            lens = np.diff(np.append(starts, len(neurons)))
+            nch = -(-lens // chunk_bundles)  # chunks per run
+            run = np.repeat(np.arange(len(starts)), nch)  # (chunks,) its run
+            k = np.arange(len(run)) - np.repeat(np.cumsum(nch) - nch, nch)  # chunk index within run
+            first = starts[run] + k * chunk_bundles  # index into neurons of each chunk's head
+            count = np.minimum(chunk_bundles, lens[run] - k * chunk_bundles)
+            chunks = list(zip(neurons[first].tolist(), rows[first].tolist(), count.tolist()))
+            tasks = [chunks[w :: self.threads] for w in range(min(self.threads, len(chunks)))]
+            if len(tasks) == 1:
+                call.syscalls = self._read_chunks(layer, tasks[0], buf)
+            else:
+                futures = [self._pool.submit(self._read_chunks, layer, t, buf) for t in tasks]
+                wait(futures)  # all of them, even after a failure: no thread may still be writing
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                if errors:
+                    raise errors[0]
+                call.syscalls = sum(f.result() for f in futures)
+        call.seconds = time.perf_counter() - t0
+        self.last = call
+        self.stats.add(call)
+        return neurons, rows
+
+    def _read_chunks(self, layer: int, chunks, buf: np.ndarray) -> int:
+        """Worker: read each (first neuron, first row, bundles) chunk fully, then check CRCs."""
+        stride, base = self.layout.stride, self.cfg.layers[layer]["offset"]
+        syscalls = 0
+        for neuron, row, count in chunks:
+            mv = memoryview(buf[row : row + count].reshape(-1))  # zero-copy, writable
+            off, done, total, again = base + neuron * stride, 0, count * stride, 0
+            while done < total:
+                try:
+                    syscalls += 1
+                    got = os.preadv(self.fd, [mv[done:]], off + done)  # EINTR retried by Python
+                except BlockingIOError:
+                    again += 1
+                    if again < _EAGAIN_RETRIES:
+                        continue
+                    raise self._error(layer, neuron + done // stride, off + done, "busy (EAGAIN)")
+                except OSError as e:
+                    why = e.strerror
+                    if e.errno == errno.EINVAL and self.direct:
+                        why += (f" (direct read refused: the disk may need a bundle alignment larger "
+                                f"than {self.layout.alignment}; reconvert with --alignment 4096)")
+                    raise self._error(layer, neuron + done // stride, off + done, why)
+                if got == 0 or (got % stride and off + done + got >= os.fstat(self.fd).st_size):
+                    raise self._error(layer, neuron + (done + got) // stride, off + done + got,
+                                      "the file ends there (truncated): convert the model again")
+                done += got
+            if self.verify:
+                self._verify(layer, neuron, row, count, buf)
+        return syscalls
+
+    def _verify(self, layer, neuron, row, count, buf):
+        lay = self.layout
+        block = buf[row : row + count]  # (count, stride)
+        stored = np.ascontiguousarray(block[:, lay.crc_offset : lay.crc_offset + 4]).view("<u4").ravel()
+        for j in range(count):  # zlib releases the GIL on large buffers
+            if zlib.crc32(block[j, : lay.nbytes]) != stored[j]:
+                i = neuron + j
+                raise FlashError(
+                    f"{self.path}: corrupted bundle: layer {layer} neuron {i} at offset "
+                    f"{self.cfg.bundle_offset(layer, i)} (checksum mismatch)"
+                )
+
+    def _error(self, layer, neuron, offset, why) -> FlashError:
+        return FlashError(f"cannot read {self.path}: layer {layer} neuron {neuron} at offset {offset}: {why}")

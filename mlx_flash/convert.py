@@ -1,0 +1,228 @@
+"""Convert a model into the flash layout: resident.safetensors + ffn.bundles + flash.json.
+
+    python -m mlx_flash.convert --model smollm2-135m --out models/smollm2-135m
+
+Row-column bundling (paper section 3.2): neuron i of a layer needs gate row i,
+up row i and down column i, so they are stored side by side and one read
+fetches the neuron. Down columns are not contiguous in a row-quantized matrix,
+so quantized bundles hold the transposed down projection, requantized along
+d_model; the error this adds is measured and stored in flash.json.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from .errors import FlashError, cli
+from .flash_format import (
+    BUNDLES_FILE, DEFAULT_ALIGNMENT, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up,
+)
+from .utils import build_model, copy_tokenizer, models_dir, read_source
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _rows_bytes(a: mx.array) -> np.ndarray:
+    """(n, ...) array -> (n, nbytes) uint8, whatever the dtype (numpy has no bfloat16)."""
+    return np.array(a.view(mx.uint8)).reshape(a.shape[0], -1)
+
+
+def _matrix(linear: nn.Module):
+    """(weight, scales, biases) of a QuantizedLinear, or the float weight."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return (linear.weight, linear.scales, linear.biases), {"group_size": linear.group_size, "bits": linear.bits}
+    return linear.weight, None
+
+
+def _dequantize(w, q):
+    return mx.dequantize(*w, group_size=q["group_size"], bits=q["bits"]) if q else w
+
+
+def ffn_fields(mlp, glu: bool, quant, dtype):
+    """Bundle fields of one layer: {name: (d_ff, d_model) array or quantized triple}, plus requant error.
+
+    quant: bundles' {"bits", "group_size"} or None for float bundles of `dtype`.
+    """
+    fields, err = {}, None
+    for name in (["gate"] if glu else []) + ["up", "down"]:
+        w, src_q = _matrix(getattr(mlp, f"{name}_proj"))
+        if name != "down" and quant is not None and src_q == {k: quant[k] for k in ("bits", "group_size")}:
+            fields[name] = w  # rows of a row-quantized gate/up are already bundles: copy bits exactly
+            continue
+        dense = _dequantize(w, src_q).astype(dtype)
+        if name == "down":
+            dense = dense.T  # (d_model, d_ff) -> (d_ff, d_model): neuron i's column becomes a row
+        if quant is None:
+            fields[name] = mx.contiguous(dense)
+            continue
+        bits = quant.get(f"{name}_bits", quant["bits"])
+        fields[name] = tuple(mx.quantize(mx.contiguous(dense), group_size=quant["group_size"], bits=bits))
+        if name == "down":  # what requantizing along d_model costs, relative to the source's own weights
+            back = mx.dequantize(*fields[name], group_size=quant["group_size"], bits=bits)
+            err = (mx.linalg.norm((back - dense).astype(mx.float32)) / mx.linalg.norm(dense.astype(mx.float32))).item()
+    if mlp.spec.bias:
+        b = [getattr(mlp, f"{n}_proj").bias for n in (["gate"] if glu else []) + ["up"]]
+        fields["bias"] = mx.stack(b, axis=1).astype(dtype)  # (d_ff, 2) or (d_ff, 1)
+    return fields, err
+
+
+def pack_layer(fields: dict, layout: BundleLayout, d_ff: int) -> np.ndarray:
+    """(d_ff, stride) uint8: one bundle per row, CRC-32 of its content in the last 4 bytes."""
+    out = np.zeros((d_ff, layout.stride), dtype=np.uint8)
+    flat = {}
+    for name, v in fields.items():
+        if isinstance(v, tuple):
+            flat.update({f"{name}.weight": v[0], f"{name}.scales": v[1], f"{name}.biases": v[2]})
+        else:
+            flat[name] = v
+    for f in layout.fields:
+        out[:, f.offset : f.offset + f.nbytes] = _rows_bytes(flat[f.name])
+    crcs = [zlib.crc32(row) & 0xFFFFFFFF for row in out[:, : layout.nbytes]]
+    out[:, layout.crc_offset :] = np.array(crcs, dtype="<u4").view(np.uint8).reshape(d_ff, 4)
+    return out
+
+
+def convert(model: str, out: Path, dtype: str = None, quantize: int = None, group_size: int = None,
+            down_bits: int = None, alignment: int = DEFAULT_ALIGNMENT, quiet: bool = False) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FlashError(f"{out} already exists: remove it or choose another --out")
+    if dtype is not None and dtype not in DTYPES:
+        raise FlashError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if quantize not in (None, 4, 8):
+        raise FlashError("--quantize must be 4 or 8")
+    if alignment < 512 or alignment & (alignment - 1):
+        raise FlashError("--align must be a power of two of at least 512")
+
+    src = read_source(model)
+    net = build_model(src.config, src.weights)
+    spec = net.ffn_spec
+    config = dict(src.config)
+    src_w, src_q = _matrix(net.layers[0].mlp.up_proj)
+
+    # Bundles keep the source's quantization unless a dtype or a new quantization is asked for.
+    dtype_given = dtype is not None
+    src_float = DTYPE_NAMES.get(src_w[1].dtype if src_q else src_w.dtype, "float16")
+    dtype = dtype or src_float
+    mx_dtype = DTYPES[dtype]
+    if quantize:
+        group_size = group_size or (64 if spec.d_model % 64 == 0 else 32)
+        quant = {"bits": quantize, "group_size": group_size}
+    elif src_q and not dtype_given:
+        # Down columns must be requantized anyway; at 8 bits the error is ~10x smaller than at 4,
+        # and a 4-bit bundle's stride is padded to the alignment, so it usually costs no I/O.
+        quant = dict(src_q, down_bits=down_bits or max(8, src_q["bits"]))
+    else:
+        quant = None
+    if quant and down_bits:
+        quant["down_bits"] = down_bits
+    if quant and quant.get("down_bits") not in (None, 2, 3, 4, 5, 6, 8):
+        raise FlashError("--down-bits must be one of 2, 3, 4, 5, 6, 8")
+    if quant and spec.d_model % quant["group_size"]:
+        raise FlashError(f"d_model {spec.d_model} is not a multiple of the group size {quant['group_size']}")
+
+    # Resident part: everything but the FFN matrices; quantized or cast as asked.
+    if quantize:
+        nn.quantize(net, quant["group_size"], quant["bits"], class_predicate=lambda p, m: (
+            hasattr(m, "to_quantized") and ".mlp." not in p and not hasattr(m, "scales")
+            and m.weight.shape[-1] % quant["group_size"] == 0))
+        q = {"group_size": quant["group_size"], "bits": quant["bits"]}
+        q.update({k: v for k, v in (src.config.get("quantization") or {}).items() if isinstance(v, dict)})
+        config["quantization"] = q
+    resident = {}
+    for k, v in tree_flatten(net.parameters()):
+        if ".mlp." in k and not k.endswith("down_proj.bias"):
+            continue
+        if v.dtype in (mx.float16, mx.bfloat16, mx.float32) and (quantize or dtype_given) \
+                and not k.endswith("norm.weight"):
+            v = v.astype(mx_dtype)
+        resident[k] = v
+
+    layout = BundleLayout.build(spec.d_model, spec.glu, spec.bias, dtype, quant, alignment)
+    n_layers = len(net.layers)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        layers, errors, offset = [], [], 0
+        with open(tmp / BUNDLES_FILE, "wb") as f:
+            for l, layer in enumerate(tqdm(net.layers, desc="bundling FFN layers", unit="layer",
+                                            disable=quiet)):
+                fields, err = ffn_fields(layer.mlp, spec.glu, quant, mx_dtype)
+                data = pack_layer(fields, layout, spec.d_ff)
+                f.seek(offset)
+                f.write(data.tobytes())
+                layers.append({"offset": offset, "nbytes": data.nbytes, "sha256": hashlib.sha256(data).hexdigest()})
+                errors.append(err)
+                offset = round_up(offset + data.nbytes, PAGE)
+            f.truncate(offset)
+        mx.save_safetensors(str(tmp / RESIDENT_FILE), resident, metadata={"format": "mlx-flash"})
+        copy_tokenizer(src.tokenizer_dir, tmp)
+        requant = None
+        if any(e is not None for e in errors):
+            requant = {"down_relative_error_mean": float(np.mean(errors)),
+                       "down_relative_error_max": float(np.max(errors)),
+                       "per_layer": [round(e, 6) for e in errors]}
+        cfg = FlashConfig(
+            architecture=spec_arch(config), model_config=config, d_model=spec.d_model, d_ff=spec.d_ff,
+            n_layers=n_layers, glu=spec.glu, bias=spec.bias, activation=spec.activation, dtype=dtype,
+            quantization=quant, layout=layout, layers=layers, file_size=offset,
+            source={"model": model, "requantization": requant},
+        )
+        cfg.save(tmp)  # written last: a folder without flash.json is not a model
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not quiet:
+        size = offset + (out / RESIDENT_FILE).stat().st_size
+        print(f"wrote {out}: {n_layers} layers x {spec.d_ff} bundles of {layout.stride} bytes "
+              f"({offset / 1e6:.1f} MB on flash, {size / 1e6:.1f} MB in all)")
+        if requant:
+            print(f"down projection requantized along d_model: relative error "
+                  f"{requant['down_relative_error_mean']:.4f} (mean), {requant['down_relative_error_max']:.4f} (max)")
+    return out
+
+
+def spec_arch(config: dict) -> str:
+    return "opt" if config["model_type"] == "opt" else "llama"
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Convert a model into the mlx-flash layout.")
+    p.add_argument("--model", "-m", required=True, help="built-in name, GGUF file, HF folder or Hub id")
+    p.add_argument("--out", "-o", default=None, help="output folder (default: models/<name>)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="float type of the bundles (default: the source's)")
+    p.add_argument("--quantize", "-q", type=int, choices=[4, 8], default=None, help="quantize to 4 or 8 bits")
+    p.add_argument("--group-size", type=int, default=None, help="quantization group size (default 64, or 32)")
+    p.add_argument("--down-bits", type=int, default=None,
+                   help="bits of the requantized down columns (default: --quantize, or 8 for a quantized source)")
+    p.add_argument("--align", type=int, default=DEFAULT_ALIGNMENT,
+                   help="bundle stride alignment in bytes (the disk's logical block size or a multiple)")
+    return p
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    out = args.out or models_dir() / Path(args.model.rstrip("/")).name.replace(".gguf", "")
+    convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align)
+
+
+if __name__ == "__main__":
+    main()

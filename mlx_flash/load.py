@@ -1,0 +1,118 @@
+"""`load()`: one entry point for every model source and every FFN mode.
+
+    model, tokenizer = load("smollm2-135m")                       # the source, dense
+    model, tokenizer = load("models/smollm2-135m", mode="dense")  # converted, FFN read from bundles
+    model, tokenizer = load("models/smollm2-135m", mode="flash", dram_budget=0.6)
+
+The model is an mlx-lm-compatible nn.Module (`layers`, `__call__(inputs, cache)`),
+so mlx-lm's generation loop, samplers and KV cache drive it. Only the FFN
+provider differs between modes.
+"""
+
+import hashlib
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import FlashError
+from .flash_format import BUNDLES_FILE, CONFIG_FILE, RESIDENT_FILE, FlashConfig, field_arrays, layer_view
+from .models.ffn import BundleFFN
+from .utils import build_model, load_tokenizer, model_class, read_source, resolve
+
+MODES = ("dense", "flash")
+_DOWN_BIAS = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.bias$")
+
+
+def is_flash_folder(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_resident(folder: Path, cfg: FlashConfig):
+    """The model with everything but the FFN loaded; returns (model, per-layer down biases)."""
+    Model, ModelArgs = model_class(cfg.model_config)
+    model = Model(ModelArgs.from_dict(cfg.model_config))
+    for layer in model.layers:
+        layer.mlp = nn.Module()  # the FFN provider is attached by the mode
+    try:
+        weights = mx.load(str(folder / RESIDENT_FILE))
+    except Exception as e:
+        raise FlashError(f"{folder / RESIDENT_FILE} is corrupt: {e}")
+    down_bias = [None] * cfg.n_layers
+    for k in [k for k in weights if _DOWN_BIAS.search(k)]:
+        down_bias[int(_DOWN_BIAS.search(k).group(1))] = weights.pop(k)
+    quant = cfg.model_config.get("quantization")
+    if quant:
+        def predicate(path, module):
+            if f"{path}.scales" not in weights:
+                return False
+            q = quant.get(path, quant)
+            return {"group_size": q["group_size"], "bits": q["bits"]}
+
+        nn.quantize(model, class_predicate=predicate)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise FlashError(f"{folder / RESIDENT_FILE} does not match flash.json: {str(e).splitlines()[0]}")
+    mx.eval(model.parameters())
+    model.eval()
+    return model, down_bias
+
+
+def read_all_bundles(folder: Path, cfg: FlashConfig, verify: bool = True) -> np.ndarray:
+    """The whole ffn.bundles in memory (dense mode), each layer checked against its SHA-256."""
+    data = np.fromfile(folder / BUNDLES_FILE, dtype=np.uint8)
+    if data.size != cfg.file_size:
+        raise FlashError(f"{folder / BUNDLES_FILE} is truncated or corrupt: {data.size} bytes, expected {cfg.file_size}")
+    if verify:
+        for l in range(cfg.n_layers):
+            if hashlib.sha256(layer_view(data, cfg, l)).hexdigest() != cfg.layers[l]["sha256"]:
+                raise FlashError(f"{folder / BUNDLES_FILE} is corrupt: checksum mismatch in layer {l}")
+    return data
+
+
+def attach_dense(model, folder: Path, cfg: FlashConfig, down_bias):
+    data = read_all_bundles(folder, cfg)
+    for l, layer in enumerate(model.layers):
+        rows = mx.array(layer_view(data, cfg, l))  # (d_ff, stride) bytes, copied once
+        fields = {k: tuple(map(mx.contiguous, v)) if isinstance(v, tuple) else mx.contiguous(v)
+                  for k, v in field_arrays(rows, cfg.layout).items()}
+        layer.mlp = BundleFFN(model.ffn_spec, fields, down_bias[l], cfg.quantization)
+    mx.eval(model.parameters())
+
+
+def load_flash(folder, mode: str = "dense", **flash_options):
+    """Load a converted model folder; returns (model, FlashConfig)."""
+    folder = Path(folder)
+    cfg = FlashConfig.load(folder)
+    cfg.check_files(folder)
+    model, down_bias = load_resident(folder, cfg)
+    if mode == "dense":
+        attach_dense(model, folder, cfg, down_bias)
+    elif mode == "flash":
+        from .flash_model import attach_flash
+
+        attach_flash(model, folder, cfg, down_bias, **flash_options)
+    else:
+        raise FlashError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+    model.flash_config = cfg
+    return model, cfg
+
+
+def load(model: str, mode: str = "dense", **flash_options):
+    """Returns (model, tokenizer) for a built-in name, GGUF, HF folder, Hub id or flash folder."""
+    if mode not in MODES:
+        raise FlashError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+    path = resolve(model)
+    if is_flash_folder(path):
+        net, _ = load_flash(path, mode, **flash_options)
+        return net, load_tokenizer(path)
+    if mode != "dense":
+        raise FlashError(
+            f"{mode} mode needs a converted model: run `python -m mlx_flash.convert --model {model} --out DIR` "
+            f"and pass --model DIR"
+        )
+    src = read_source(model)
+    return build_model(src.config, src.weights), load_tokenizer(src.tokenizer_dir)

@@ -1,0 +1,98 @@
+"""The feed-forward block, the one part of a model that differs between modes.
+
+Every architecture here names its FFN `mlp` with `up_proj`/`down_proj` (and
+`gate_proj` for GLU models); OPT's `fc1`/`fc2` are renamed in its `sanitize`.
+Dense mode uses `DenseFFN`; flash mode swaps in `FlashFFN` (mlx_flash.flash_ffn)
+and the naive baseline `MmapFFN`, all with the same call signature.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+}
+
+
+@dataclass
+class FFNSpec:
+    """Geometry of one FFN: what the bundle layout and every provider need."""
+
+    d_model: int
+    d_ff: int
+    glu: bool  # gate_proj present: h = act(gate x) * (up x), else h = act(up x)
+    bias: bool
+    activation: str
+
+    @property
+    def act(self):
+        return ACTIVATIONS[self.activation]
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, spec: FFNSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.glu:
+            self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        self.up_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        self.down_proj = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
+
+    def activations(self, x: mx.array) -> mx.array:
+        """The FFN's hidden activations (..., d_ff): what sparsity is defined on."""
+        if self.spec.glu:
+            return self.spec.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.spec.act(self.up_proj(x))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.activations(x))
+
+
+def _rows_matmul(a: mx.array, w, transpose: bool, quant, bits_key="bits") -> mx.array:
+    """a @ W.T (gate, up: neuron rows) or a @ W (down^T: neuron rows), W float or quantized."""
+    if quant is None:
+        return a @ (w.T if transpose else w)
+    bits = quant.get(bits_key, quant["bits"])
+    return mx.quantized_matmul(a, *w, transpose=transpose, group_size=quant["group_size"], bits=bits)
+
+
+def bundle_ffn(x: mx.array, spec: FFNSpec, fields: dict, down_bias, quant=None) -> mx.array:
+    """The FFN from neuron bundles: rows of gate, up and down^T for the neurons present.
+
+    fields["gate"|"up"|"down"] are (n, d_model) arrays, or (weight, scales, biases)
+    triples of row-quantized matrices; fields["bias"] is (n, 2) [gate, up] or (n, 1).
+    With every neuron present this is the dense FFN; with a subset it is the
+    sparse FFN over exactly those neurons (rows [0, n) of the neuron cache).
+    """
+    up = _rows_matmul(x, fields["up"], True, quant)
+    if spec.bias:
+        up = up + fields["bias"][:, -1]
+    if spec.glu:
+        gate = _rows_matmul(x, fields["gate"], True, quant)
+        if spec.bias:
+            gate = gate + fields["bias"][:, 0]
+        h = spec.act(gate) * up
+    else:
+        h = spec.act(up)
+    y = _rows_matmul(h, fields["down"], False, quant, "down_bits")
+    return y + down_bias if down_bias is not None else y
+
+
+class BundleFFN(nn.Module):
+    """Dense mode of a converted model: every neuron's bundle resident, computed like flash."""
+
+    def __init__(self, spec: FFNSpec, fields: dict, down_bias, quant=None):
+        super().__init__()
+        self.spec, self.quant = spec, quant
+        self.fields, self.down_bias = fields, down_bias
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return bundle_ffn(x, self.spec, self.fields, self.down_bias, self.quant)

