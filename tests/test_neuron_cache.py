@@ -1,0 +1,191 @@
+"""NeuronCache: the window's union is exactly rows [0, n), rows carry their bytes, memory stays put."""
+
+from collections import deque
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flash_fixtures import direct_root, write_flash_model  # noqa: F401 (fixture)
+from mlx_flash.bundle_reader import BundleReader, alloc_buffer
+from mlx_flash.errors import FlashError
+from mlx_flash.flash_format import BUNDLES_FILE, BundleLayout
+from mlx_flash.neuron_cache import NeuronCache, load_active
+
+ROW = 8  # bytes per row in the bookkeeping tests: (neuron id, ~neuron id) as int32
+
+
+def pattern(neurons):
+    neurons = np.asarray(neurons, dtype=np.int32)
+    return np.stack([neurons, ~neurons], axis=1).view(np.uint8)  # (m, ROW)
+
+
+class Reference:
+    """The window rule written the slow, obvious way."""
+
+    def __init__(self, d_ff, slots, k):
+        self.slots, self.k, self.tokens = slots, k, deque()
+
+    def union(self):
+        return set().union(*self.tokens) if self.tokens else set()
+
+    def step(self, active):
+        seen, kept = set(), []
+        for a in active:  # distinct ids in the given order, best first
+            if a not in seen:
+                seen.add(a)
+                kept.append(a)
+        self.tokens.append(set(kept[: self.slots]))
+        while len(self.tokens) > self.k:
+            self.tokens.popleft()
+        while len(self.union()) > self.slots:
+            self.tokens.popleft()
+        return self.union()
+
+
+@st.composite
+def scenarios(draw):
+    d_ff = draw(st.integers(1, 200))
+    slots = draw(st.integers(1, 96))
+    k = draw(st.integers(1, 6))
+    hot = draw(st.integers(1, d_ff))  # a smaller id range makes tokens overlap, as real ones do
+    token = st.lists(st.integers(0, hot - 1), max_size=min(2 * slots, 150))
+    steps = draw(st.lists(st.tuples(token, st.booleans(), st.booleans()), min_size=1, max_size=30))
+    return d_ff, slots, k, steps
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios())
+def test_cache_invariants(scenario):
+    d_ff, slots, k, steps = scenario
+    lay = BundleLayout(fields=[], nbytes=ROW - 4, stride=ROW, alignment=ROW)
+    buf = alloc_buffer(slots, lay)  # the MLX array whose rows move
+    ptr = buf.address
+    cache = NeuronCache(d_ff, slots, window=k, rows=buf.np)
+    ref = Reference(d_ff, slots, k)
+    for active, fail_read, reset in steps:
+        if reset:
+            cache.reset()
+            ref.tokens.clear()
+        before = set(cache.resident.tolist())
+        new, start = cache.step(np.array(active, dtype=np.int64))
+        want = ref.step(active)
+        assert start == cache.n
+        assert np.all(np.diff(new) > 0)
+        assert set(new.tolist()) == want - before  # exactly the union minus what was cached
+        assert set(cache.resident.tolist()) == want & before  # evicted: what left the window
+        if fail_read:  # the read failed: nothing enters, next step asks again
+            cache.abort()
+            assert set(cache.window_union().tolist()) == want  # the token stays in the window
+            want &= before
+        else:
+            buf.np[start : start + len(new)] = pattern(new)  # "read" the bundles
+            cache.commit()
+        # rows [0, n) are exactly the resident union, no holes, no duplicates
+        res = cache.resident
+        assert 0 <= cache.n <= slots and len(set(res.tolist())) == cache.n == len(want)
+        assert set(res.tolist()) == want
+        assert np.all(cache.slot_to_neuron[cache.n :] == -1)
+        # the maps are mutually inverse
+        np.testing.assert_array_equal(cache.neuron_to_slot[res], np.arange(cache.n))
+        assert np.count_nonzero(cache.neuron_to_slot >= 0) == cache.n
+        # each row's bytes followed its neuron, in numpy and in the MLX array alike
+        np.testing.assert_array_equal(buf.np[: cache.n], pattern(res))
+        np.testing.assert_array_equal(np.array(buf.mx[: cache.n]), pattern(res))
+        assert buf.address == ptr
+        assert cache.stats.occupancy == cache.n / slots or fail_read
+
+
+def test_window_slides_and_deletes_by_moving_last_rows():
+    rows = np.zeros((6, ROW), np.uint8)
+    cache = NeuronCache(d_ff=20, slots=6, window=2, rows=rows)
+
+    def step(active):
+        new, start = cache.step(np.array(active))
+        rows[start : start + len(new)] = pattern(new)
+        cache.commit()
+        return new.tolist()
+
+    assert step([5, 1, 3]) == [1, 3, 5]
+    assert step([3, 7]) == [7]  # window {1,3,5} | {3,7}
+    np.testing.assert_array_equal(cache.resident, [1, 3, 5, 7])
+    assert step([7, 9]) == [9]  # {1, 5} left: 7 moves into 1's row, row of 5 freed at the end
+    np.testing.assert_array_equal(cache.resident, [7, 3, 9])
+    assert cache.stats.rows_moved == 1 and cache.stats.bytes_moved == ROW and cache.stats.evicted == 2
+    np.testing.assert_array_equal(rows[:3], pattern([7, 3, 9]))
+    assert cache.stats.new_neurons == 5 and cache.stats.last_new == 1
+
+
+def test_window_shrinks_oldest_first_and_truncates():
+    cache = NeuronCache(d_ff=100, slots=5, window=4)
+    for active in ([0, 1], [2, 3]):
+        cache.step(np.array(active))
+        cache.commit()
+    new, _ = cache.step(np.array([4, 5]))  # union 6 > 5: drop token [0, 1]
+    cache.commit()
+    assert new.tolist() == [4, 5] and cache.window_tokens == 2
+    assert cache.stats.window_shrinks == 1 and cache.stats.tokens_dropped == 1
+    np.testing.assert_array_equal(np.sort(cache.resident), [2, 3, 4, 5])
+    new, _ = cache.step(np.array([50, 9, 40, 9, 30, 20, 10, 60]))  # 7 distinct > 5: best 5 kept
+    cache.commit()
+    assert new.tolist() == [9, 20, 30, 40, 50]
+    assert cache.stats.truncations == 1 and cache.window_tokens == 1 and cache.n == 5
+
+
+def test_step_requires_commit_or_abort():
+    cache = NeuronCache(d_ff=10, slots=4, window=2)
+    cache.step(np.array([1]))
+    with pytest.raises(AssertionError, match="commit"):
+        cache.step(np.array([2]))
+    with pytest.raises(IndexError):
+        NeuronCache(d_ff=10, slots=4).step(np.array([10]))
+
+
+def test_with_reader_end_to_end(direct_root):
+    """The per-token sequence on a real file: rows [0, n) always hold the resident bundles."""
+    folder = direct_root / "cache-e2e"
+    cfg, bundles = write_flash_model(folder, n_layers=2, seed=7)
+    slots = 64
+    bufs = [alloc_buffer(slots, cfg.layout) for _ in range(cfg.n_layers)]
+    caches = [NeuronCache(cfg.d_ff, slots, window=4, rows=b.np) for b in bufs]
+    ptrs = [b.address for b in bufs]
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.standard_normal((1, cfg.d_model)).astype(np.float16))
+    with BundleReader(folder, cfg, threads=8) as reader:
+        for _ in range(25):
+            for layer in range(cfg.n_layers):
+                hot = rng.choice(40, 8, replace=False)  # overlapping tokens, a few cold ones
+                active = np.r_[hot, rng.choice(cfg.d_ff, 6, replace=False)]
+                n = load_active(caches[layer], reader, layer, bufs[layer], active)
+                res = caches[layer].resident
+                np.testing.assert_array_equal(bufs[layer].np[:n], bundles[layer, res])
+                up = bufs[layer].fields(n)["up"]  # (n, d_model) view, computed on in place
+                f = cfg.layout.field("up")
+                want = bundles[layer, res][:, f.offset : f.offset + f.nbytes].copy().view(np.float16)
+                np.testing.assert_allclose(np.array(x @ up.T), np.array(x) @ want.T, rtol=2e-2, atol=2e-2)
+        assert reader.stats.bundles == sum(c.stats.new_neurons for c in caches)
+    assert [b.address for b in bufs] == ptrs
+    assert all(c.stats.rows_moved > 0 for c in caches)
+
+
+def test_failed_read_leaves_no_garbage(direct_root):
+    folder = direct_root / "cache-corrupt"
+    cfg, bundles = write_flash_model(folder, n_layers=1, seed=8)
+    off = cfg.bundle_offset(0, 42)
+    with open(folder / BUNDLES_FILE, "r+b") as f:
+        f.seek(off)
+        f.write(b"\xff\xff")
+    buf = alloc_buffer(16, cfg.layout)
+    cache = NeuronCache(cfg.d_ff, 16, window=2, rows=buf.np)
+    with BundleReader(folder, cfg) as reader:
+        load_active(cache, reader, 0, buf, np.array([1, 2]))
+        with pytest.raises(FlashError, match="layer 0 neuron 42"):
+            load_active(cache, reader, 0, buf, np.array([41, 42, 43]))
+        assert cache.rows_of([41, 42, 43]).tolist() == [-1, -1, -1]  # none entered
+        np.testing.assert_array_equal(buf.np[: cache.n], bundles[0, cache.resident])
+        cache.reset()  # a new request without the bad neuron: the cache goes on working
+        load_active(cache, reader, 0, buf, np.array([1, 3]))
+        assert set(cache.resident.tolist()) == {1, 3}
+        np.testing.assert_array_equal(buf.np[: cache.n], bundles[0, cache.resident])
