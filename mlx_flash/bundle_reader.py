@@ -10,7 +10,7 @@ no staging buffer, no copy, no gather.
     buf = alloc_buffer(slots, cfg.layout)          # once per layer
     with BundleReader(folder, cfg) as reader:
         reader.read(layer, neurons, buf, start_row=n)   # rows [n, n + len(neurons))
-        fields = buf.fields(n + len(neurons), cfg.quantization)  # typed MLX views
+        fields = buf.fields(n + len(neurons))      # typed MLX views, no copy
 
 Direct I/O is all or nothing: if it cannot be had (a filesystem in memory, a
 disk whose block size does not divide the bundle alignment) the reader says so
@@ -86,19 +86,23 @@ class BundleBuffer:
         v = rows.view(dt)[:, f.offset // item : f.offset // item + count]  # (n, count)
         return v if len(f.shape) == 1 else v.reshape(v.shape[0], *f.shape)
 
-    def fields(self, n: Optional[int] = None, quantization: Optional[dict] = None) -> Dict:
+    def fields(self, n: Optional[int] = None) -> Dict:
         """The dict `models.ffn.bundle_ffn` computes on: matrices as (n, d_model) views,
-        or (weight, scales, biases) triples when quantized; "bias" as (n, 1 or 2)."""
+        or (weight, scales, biases) triples when quantized; "bias" as (n, 1 or 2).
+
+        Like `flash_format.field_arrays`, but the dtype view is taken on whole rows
+        before slicing columns: MLX copies when viewing a strided byte slice, so the
+        other order gives a snapshot that goes stale once evaluated, and a copy per token.
+        """
         out = {}
         for f in self.layout.fields:
-            base = f.name.split(".")[0]
-            if base in out:
-                continue
-            if quantization and base != "bias":
-                out[base] = tuple(self.field(f"{base}.{p}", n) for p in ("weight", "scales", "biases"))
+            matrix, _, part = f.name.partition(".")
+            if part:  # quantized: "<matrix>.weight|scales|biases"
+                out.setdefault(matrix, {})[part] = self.field(f.name, n)
             else:
-                out[base] = self.field(base, n)
-        return out
+                out[f.name] = self.field(f.name, n)
+        return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v
+                for k, v in out.items()}
 
 
 def alloc_buffer(slots: int, layout: BundleLayout, align: int = BUFFER_ALIGN) -> BundleBuffer:

@@ -204,6 +204,19 @@ def test_typed_views_f16(f16):
     assert buf.address == ptr
 
 
+def test_views_stay_views(f16):
+    """An evaluated field view still sees bytes read later: it is the buffer, not a copy."""
+    folder, cfg, bundles = f16
+    buf = alloc_buffer(4, cfg.layout)
+    gate = buf.field("gate", 4)
+    mx.eval(gate)
+    with BundleReader(folder, cfg, threads=1) as r:
+        r.read(1, [10, 11, 12, 13], buf)
+    f = cfg.layout.field("gate")
+    want = bundles[1, 10:14][:, f.offset : f.offset + f.nbytes].copy().view(np.float16)
+    np.testing.assert_array_equal(np.array(gate), want)
+
+
 def test_typed_views_quantized(direct_root):
     folder = direct_root / "q4-views"
     cfg, bundles = write_flash_model(folder, quantization=Q4, seed=3)
@@ -212,7 +225,7 @@ def test_typed_views_quantized(direct_root):
     neurons = np.array([0, 5, 6, 255])
     with BundleReader(folder, cfg, threads=2) as r:
         r.read(2, neurons, buf)
-    fields = buf.fields(4, cfg.quantization)
+    fields = buf.fields(4)
     for name in ("gate", "up", "down"):
         w, s, b = fields[name]
         assert w.dtype == mx.uint32 and w.shape == (4, cfg.d_model // 8)
@@ -225,6 +238,11 @@ def test_typed_views_quantized(direct_root):
                              group_size=32, bits=4)
         got = mx.dequantize(w, s, b, group_size=32, bits=4)
         np.testing.assert_array_equal(np.array(got), np.array(want))
+        x = mx.ones((1, cfg.d_model), dtype=mx.float16)
+        q = dict(transpose=True, group_size=32, bits=4)
+        np.testing.assert_array_equal(np.array(mx.quantized_matmul(x, w, s, b, **q)),
+                                      np.array(mx.quantized_matmul(x, ref("weight", np.uint32),
+                                               ref("scales", np.float16), ref("biases", np.float16), **q)))
 
 
 # MARK: - failures are loud and precise
