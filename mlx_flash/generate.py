@@ -1,0 +1,152 @@
+"""Generate text, streaming tokens to stdout and one stats line to stderr.
+
+    python -m mlx_flash.generate --model smollm2-135m --prompt "The capital of France is"
+    python -m mlx_flash.generate --model models/smollm2-135m --mode flash --dram-budget 0.6 --chat -p "Hi"
+
+Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
+--temp, --top-p, --seed). Generation is mlx-lm's own loop; only the FFN differs.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import FlashError, cli
+from .load import MODES, load
+from .utils import DEFAULT_MODEL
+
+DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+
+
+@dataclass
+class Response:
+    """One streamed step: mlx-lm's fields plus what flash mode read from disk so far."""
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB, MLX allocator
+    finish_reason: Optional[str]
+    flash: dict = field(default_factory=dict)  # cumulative flash statistics for this request
+
+
+def flash_snapshot(model) -> dict:
+    stats = getattr(model, "flash_stats", None)
+    return stats.snapshot() if stats is not None else {}
+
+
+def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP,
+           top_p=DEFAULT_TOP_P, seed=None, stop=None) -> Iterator[Response]:
+    """mlx-lm's stream_generate with flash statistics attached and optional stop strings.
+
+    prompt: text (used as is) or a list of token ids (e.g. from a chat template).
+    The flash statistics cover generated tokens only (prefill is reported apart).
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+    stats = getattr(model, "flash_stats", None)
+    if stats is not None:
+        stats.reset()
+    text = ""
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+        if r.generation_tokens == 1 and stats is not None:
+            stats.start_decode()  # the first token came from the prompt pass
+        text += r.text
+        finish = r.finish_reason
+        if stop:
+            hit = [text.find(s) for s in stop if s and s in text]
+            if hit:
+                cut = min(hit)
+                r_text = r.text[: max(0, len(r.text) - (len(text) - cut))]
+                yield Response(r_text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
+                               r.generation_tps, r.peak_memory, "stop", flash_snapshot(model))
+                return
+        yield Response(r.text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
+                       r.generation_tps, r.peak_memory, finish, flash_snapshot(model))
+
+
+def stats_line(r: Response) -> str:
+    ms = 1000.0 / r.generation_tps if r.generation_tps else float("nan")
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+    if sys.platform == "darwin":
+        rss_gb /= 1024  # bytes on macOS
+    f = r.flash
+    read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
+    return (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens/s, {ms:.1f} ms/token | "
+        f"peak memory: {r.peak_memory:.3f} GB (MLX), {rss_gb:.3f} GB (RSS) | {read}"
+    )
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Generate text with an mlx-flash model.")
+    p.add_argument("--model", "-M", default=DEFAULT_MODEL,
+                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text, or - to read stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--system-prompt", default=None, help="system message when --chat is given")
+    p.add_argument("--mode", choices=MODES, default="dense",
+                   help="dense: all weights in memory; flash: FFN neurons streamed from disk")
+    p.add_argument("--dram-budget", default=None,
+                   help="flash mode: memory budget in bytes (e.g. 60M, 1.5G) or a fraction of the model (0.6)")
+    p.add_argument("--window", type=int, default=None, help="flash mode: tokens in the neuron window")
+    p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
+    return p
+
+
+def flash_options(args) -> dict:
+    opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def build_prompt(tokenizer, text: str, chat: bool, system: Optional[str] = None):
+    if not chat:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise FlashError("--chat: this model has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        raise FlashError("--max-tokens must be at least 1")
+    if not 0 < args.top_p <= 1 or args.temp < 0:
+        raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.mode != "flash" and flash_options(args):
+        raise FlashError("--dram-budget, --window and --threads apply to --mode flash only")
+    model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
+    prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
+    last = None
+    for r in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):
+        print(r.text, end="", flush=True)
+        last = r
+    print()
+    if last is not None:
+        print(stats_line(last), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

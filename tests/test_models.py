@@ -1,0 +1,93 @@
+"""Tiny random models of every architecture: reference agreement, conversion round trip, KV cache."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_flash.load import load
+
+GOLDEN = Path(__file__).parent / "golden"
+OPT_GOLDEN = json.loads((GOLDEN / "opt_golden.json").read_text())["variants"]
+LLAMA_GOLDEN = json.loads((GOLDEN / "llama_golden.json").read_text())["variants"]
+NAMES = ["llama_silu_tied", "llama_relu_untied", "opt_pre_ln", "opt_post_ln", "opt_proj"]
+
+
+def logits(model, ids):
+    return model(mx.array(ids)[None])[0].astype(mx.float32)
+
+
+def greedy(model, ids, n):
+    """Greedy decoding with a KV cache: prompt pass, then one token at a time."""
+    cache = make_prompt_cache(model)
+    out = model(mx.array(ids)[None], cache=cache)
+    toks = []
+    for _ in range(n):
+        t = out[0, -1].argmax().item()
+        toks.append(t)
+        out = model(mx.array([[t]]), cache=cache)
+    return toks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_reference_implementation(tiny_model, name):
+    """Golden values from Hugging Face transformers (tests/golden/make_opt_golden.py)."""
+    gold = {**OPT_GOLDEN, **LLAMA_GOLDEN}[name]
+    model, _ = load(str(tiny_model(name)))
+    out = logits(model, gold["input_ids"])
+    assert list(out.shape) == gold["logits_shape"]
+    pos = gold["logits_last"]["positions"]
+    np.testing.assert_allclose(np.array(out[mx.array(pos)]), np.array(gold["logits_last"]["values"]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(out.sum(-1)), gold["logits_sum"], rtol=1e-4, atol=1e-3)
+    assert np.array(out.argmax(-1)).tolist() == gold["argmax"]
+    g = gold["greedy"]
+    assert greedy(model, gold["input_ids"], g["max_new_tokens"]) == g["tokens"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_roundtrip_dense_equals_source(tiny_model, tiny_flash, name):
+    ids = list(range(3, 40, 3))
+    src, _ = load(str(tiny_model(name)))
+    conv, _ = load(str(tiny_flash(name)), mode="dense")
+    np.testing.assert_allclose(np.array(logits(conv, ids)), np.array(logits(src, ids)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_silu_tied", "opt_pre_ln"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_convert_float_dtypes(tiny_model, tiny_flash, name, dtype):
+    ids = list(range(5, 29, 2))
+    src, _ = load(str(tiny_model(name)))
+    conv, _ = load(str(tiny_flash(name, dtype=dtype)), mode="dense")
+    a, b = np.array(logits(conv, ids)), np.array(logits(src, ids))
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_convert_quantized_measures_requantization(tiny_model, tiny_flash, bits):
+    folder = tiny_flash("llama_relu_untied", quantize=bits, group_size=32)
+    cfg = json.loads((folder / "flash.json").read_text())
+    assert cfg["ffn"]["quantization"]["bits"] == bits
+    err = cfg["source"]["requantization"]["down_relative_error_mean"]
+    assert 0 < err < (0.2 if bits == 4 else 0.02)
+    src, _ = load(str(tiny_model("llama_relu_untied")))
+    conv, _ = load(str(folder), mode="dense")
+    ids = list(range(7, 40, 3))
+    a, b = np.array(logits(conv, ids)), np.array(logits(src, ids))
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > (0.9 if bits == 4 else 0.999)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kv_cache_incremental_equals_full_forward(tiny_flash, name):
+    model, _ = load(str(tiny_flash(name)), mode="dense")
+    ids = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64]
+    full = logits(model, ids)
+    cache = make_prompt_cache(model)
+    steps = [model(mx.array([ids[:4]]), cache=cache)[0]]
+    for t in ids[4:]:
+        steps.append(model(mx.array([[t]]), cache=cache)[0])
+    inc = mx.concatenate(steps, axis=0).astype(mx.float32)
+    np.testing.assert_allclose(np.array(inc), np.array(full), rtol=1e-4, atol=1e-4)
