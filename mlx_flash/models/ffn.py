@@ -63,26 +63,34 @@ def _rows_matmul(a: mx.array, w, transpose: bool, quant, bits_key="bits") -> mx.
     return mx.quantized_matmul(a, *w, transpose=transpose, group_size=quant["group_size"], bits=bits)
 
 
-def bundle_ffn(x: mx.array, spec: FFNSpec, fields: dict, down_bias, quant=None) -> mx.array:
-    """The FFN from neuron bundles: rows of gate, up and down^T for the neurons present.
+def bundle_hidden(x: mx.array, spec: FFNSpec, fields: dict, quant=None) -> mx.array:
+    """Hidden activations (..., n) of the neurons whose bundles are in `fields`.
 
     fields["gate"|"up"|"down"] are (n, d_model) arrays, or (weight, scales, biases)
     triples of row-quantized matrices; fields["bias"] is (n, 2) [gate, up] or (n, 1).
-    With every neuron present this is the dense FFN; with a subset it is the
-    sparse FFN over exactly those neurons (rows [0, n) of the neuron cache).
     """
     up = _rows_matmul(x, fields["up"], True, quant)
     if spec.bias:
         up = up + fields["bias"][:, -1]
-    if spec.glu:
-        gate = _rows_matmul(x, fields["gate"], True, quant)
-        if spec.bias:
-            gate = gate + fields["bias"][:, 0]
-        h = spec.act(gate) * up
-    else:
-        h = spec.act(up)
+    if not spec.glu:
+        return spec.act(up)
+    gate = _rows_matmul(x, fields["gate"], True, quant)
+    if spec.bias:
+        gate = gate + fields["bias"][:, 0]
+    return spec.act(gate) * up
+
+
+def bundle_down(h: mx.array, fields: dict, down_bias, quant=None) -> mx.array:
+    """Sum of the neurons' down columns weighted by h: (..., n) -> (..., d_model)."""
     y = _rows_matmul(h, fields["down"], False, quant, "down_bits")
     return y + down_bias if down_bias is not None else y
+
+
+def bundle_ffn(x: mx.array, spec: FFNSpec, fields: dict, down_bias, quant=None) -> mx.array:
+    """The FFN from neuron bundles. With every neuron present this is the dense FFN;
+    with a subset it is the FFN over exactly those neurons (rows [0, n) of a neuron cache).
+    """
+    return bundle_down(bundle_hidden(x, spec, fields, quant), fields, down_bias, quant)
 
 
 class BundleFFN(nn.Module):
@@ -93,6 +101,9 @@ class BundleFFN(nn.Module):
         self.spec, self.quant = spec, quant
         self.fields, self.down_bias = fields, down_bias
         self.freeze()
+
+    def activations(self, x: mx.array) -> mx.array:
+        return bundle_hidden(x, self.spec, self.fields, self.quant)
 
     def __call__(self, x: mx.array) -> mx.array:
         return bundle_ffn(x, self.spec, self.fields, self.down_bias, self.quant)
