@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
@@ -48,12 +48,37 @@ def flash_snapshot(model) -> dict:
     return stats.snapshot() if stats is not None else {}
 
 
+class StopFilter:
+    """Cuts text at the first stop string, holding back a tail that may be the start of one."""
+
+    def __init__(self, stops: List[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str):
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+
 def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP,
            top_p=DEFAULT_TOP_P, seed=None, stop=None) -> Iterator[Response]:
     """mlx-lm's stream_generate with flash statistics attached and optional stop strings.
 
     prompt: text (used as is) or a list of token ids (e.g. from a chat template).
-    The flash statistics cover generated tokens only (prefill is reported apart).
+    The flash statistics are reset per call and count decode steps apart from the prompt.
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -61,22 +86,16 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
     stats = getattr(model, "flash_stats", None)
     if stats is not None:
         stats.reset()
-    text = ""
+    stops = StopFilter(stop or [])
     for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
-        if r.generation_tokens == 1 and stats is not None:
-            stats.start_decode()  # the first token came from the prompt pass
-        text += r.text
-        finish = r.finish_reason
-        if stop:
-            hit = [text.find(s) for s in stop if s and s in text]
-            if hit:
-                cut = min(hit)
-                r_text = r.text[: max(0, len(r.text) - (len(text) - cut))]
-                yield Response(r_text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
-                               r.generation_tps, r.peak_memory, "stop", flash_snapshot(model))
-                return
-        yield Response(r.text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
+        text, hit = stops.feed(r.text)
+        finish = "stop" if hit else r.finish_reason
+        if finish and not hit:
+            text += stops.flush()
+        yield Response(text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
                        r.generation_tps, r.peak_memory, finish, flash_snapshot(model))
+        if hit:
+            return
 
 
 def stats_line(r: Response) -> str:

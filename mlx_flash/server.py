@@ -34,7 +34,7 @@ from typing import Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
 from .errors import FlashError, cli
-from .generate import Response, flash_options, stream
+from .generate import Response, StopFilter, flash_options, stream
 from .load import MODES, load
 from .utils import DEFAULT_MODEL
 
@@ -201,30 +201,6 @@ class FifoLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
-
-
-class StopFilter:
-    """Cuts text at the first stop string, holding back a tail that may be the start of one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str):
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 @dataclass

@@ -56,3 +56,23 @@ def smol_flash(tmp_path_factory):
     from mlx_flash.convert import convert
 
     return convert("smollm2-135m", tmp_path_factory.mktemp("smol") / "smollm2-135m", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def trained_flash(tiny_model, tmp_path_factory):
+    """trained_flash(name) -> converted tiny model with calibrated predictors (made once)."""
+    from mlx_flash.convert import convert
+    from mlx_flash.train_predictors import train
+
+    root = tmp_path_factory.mktemp("trained")
+    made = {}
+
+    def get(name, **opts):
+        key = (name, tuple(sorted(opts.items())))
+        if key not in made:
+            out = convert(str(tiny_model(name)), root / f"{name}-{len(made)}", quiet=True)
+            train(out, tokens=2048, seq_len=128, epochs=4, progress=False, **opts)
+            made[key] = out
+        return made[key]
+
+    return get

@@ -102,6 +102,24 @@ final class CodableTests: XCTestCase {
         XCTAssertEqual(noChoices.flash?.mode, "flash")
     }
 
+    /// The first and last chunks exactly as mlx_flash.server sends them.
+    func testServerChunksVerbatim() throws {
+        let first = try decode(ChatCompletionChunk.self, """
+            {"id": "chatcmpl-bac2", "object": "chat.completion.chunk", "created": 1795541164, "model": "smollm2-135m", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]}
+            """)
+        XCTAssertEqual(ChatDelta(chunk: first), ChatDelta(content: ""))
+        let last = try decode(ChatCompletionChunk.self, """
+            {"id": "chatcmpl-bac2", "object": "chat.completion.chunk", "created": 1795541164, "model": "smollm2-135m", "choices": [{"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"}], "usage": {"prompt_tokens": 31, "completion_tokens": 8, "total_tokens": 39}, "flash": {"mode": "dense", "tokens_per_second": 5.899336501993068, "ms_per_token": null, "prompt_tokens_per_second": 5.82884908049501, "bytes_read_per_token": 0, "peak_memory_gb": 0.11937894, "request": 0}}
+            """)
+        let delta = ChatDelta(chunk: last)
+        XCTAssertEqual(delta.finishReason, "length")
+        XCTAssertEqual(delta.usage, Usage(promptTokens: 31, completionTokens: 8, totalTokens: 39))
+        XCTAssertEqual(delta.flash?.mode, "dense")
+        XCTAssertNil(delta.flash?.msPerToken)
+        XCTAssertEqual(delta.flash?.bytesReadPerToken, 0)
+        XCTAssertEqual(delta.flash?.peakMemoryGB, 0.11937894)
+    }
+
     func testChunkRoundTrip() throws {
         let chunk = ChatCompletionChunk(
             id: "c", choices: [.init(delta: .init(content: "x"), finishReason: "stop")],

@@ -61,10 +61,10 @@ final class ServerProcessTests: XCTestCase {
         let python = try script("echo \"$@\" > '\(dir.path)'\nexit 1")
         var config = configuration(python: python, port: 4321)
         config.mode = .flash
-        config.dramBudget = "1GB"
+        config.dramBudget = "1.5G"
         do { try await ServerProcess().start(config) } catch {}
         let args = try String(contentsOf: dir, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
-        XCTAssertEqual(args, "-m mlx_flash.server --model stub --port 4321 --mode flash --dram-budget 1GB")
+        XCTAssertEqual(args, "-m mlx_flash.server --model stub --port 4321 --mode flash --dram-budget 1.5G")
     }
 
     func testStartWaitsUntilTheServerAnswersThenStops() async throws {

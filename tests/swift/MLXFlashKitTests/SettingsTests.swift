@@ -26,7 +26,7 @@ final class SettingsTests: XCTestCase {
         let file = dir.appendingPathComponent("nested/settings.json")
         let settings = Settings(
             serverURL: URL(string: "http://127.0.0.1:9123")!, model: "llama-7b", temperature: 0.2,
-            topP: 0.95, maxTokens: 64, mode: .flash, dramBudget: "3GB", pythonPath: "/opt/venv/bin/python",
+            topP: 0.95, maxTokens: 64, mode: .flash, dramBudget: "3G", pythonPath: "/opt/venv/bin/python",
             systemPrompt: "You are terse.", maxTurns: 6)
         try settings.save(to: file)
         XCTAssertEqual(try Settings.load(from: file), settings)
@@ -36,7 +36,7 @@ final class SettingsTests: XCTestCase {
         XCTAssertEqual(object["server_url"] as? String, "http://127.0.0.1:9123")
         XCTAssertEqual(object["max_tokens"] as? Int, 64)
         XCTAssertEqual(object["top_p"] as? Double, 0.95)
-        XCTAssertEqual(object["dram_budget"] as? String, "3GB")
+        XCTAssertEqual(object["dram_budget"] as? String, "3G")
         XCTAssertEqual(object["python_path"] as? String, "/opt/venv/bin/python")
         XCTAssertEqual(object["mode"] as? String, "flash")
 
@@ -79,9 +79,9 @@ final class SettingsTests: XCTestCase {
         s.mode = .flash
         XCTAssertEqual(s.serverConfiguration.arguments,
                        ["-m", "mlx_flash.server", "--model", "m", "--port", "8123", "--mode", "flash"])
-        s.dramBudget = "2GB"
+        s.dramBudget = "0.6"
         XCTAssertEqual(s.serverConfiguration.arguments,
-                       ["-m", "mlx_flash.server", "--model", "m", "--port", "8123", "--mode", "flash", "--dram-budget", "2GB"])
+                       ["-m", "mlx_flash.server", "--model", "m", "--port", "8123", "--mode", "flash", "--dram-budget", "0.6"])
         XCTAssertEqual(s.serverConfiguration.python, "/p/python")
         s.mode = .dense
         XCTAssertFalse(s.serverConfiguration.arguments.contains("--dram-budget"), "the budget only applies to flash mode")

@@ -52,9 +52,9 @@ final class StubHTTPServer: @unchecked Sendable {
     private var stopped = false
 
     /// Every request received so far.
-    var requests: [Request] { lock.withLock { _requests } }
+    var requests: [Request] { locked { _requests } }
     /// How many held streams ended because the client closed the connection.
-    var disconnects: Int { lock.withLock { _disconnects } }
+    var disconnects: Int { locked { _disconnects } }
 
     /// Listens on `port` (0: a free one) until `stop()`.
     init(port: Int = 0, handler: @escaping @Sendable (Request) -> Response) throws {
@@ -66,10 +66,17 @@ final class StubHTTPServer: @unchecked Sendable {
         thread.start()
     }
 
+    /// `NSLock.withLock` is not in the macOS 13 SDK.
+    private func locked<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
     var baseURL: URL { URL(string: "http://127.0.0.1:\(port)")! }
 
     func stop() {
-        let wasStopped = lock.withLock { () -> Bool in
+        let wasStopped = locked { () -> Bool in
             defer { stopped = true }
             return stopped
         }
@@ -95,7 +102,7 @@ final class StubHTTPServer: @unchecked Sendable {
         while true {
             let client = accept(listener, nil, nil)
             if client < 0 {
-                if lock.withLock({ stopped }) { return }
+                if locked({ stopped }) { return }
                 if errno == EINTR { continue }
                 return
             }
@@ -108,7 +115,7 @@ final class StubHTTPServer: @unchecked Sendable {
     private func serve(_ fd: Int32) {
         defer { _ = close(fd) }
         guard let request = readRequest(fd) else { return }
-        lock.withLock { _requests.append(request) }
+        locked { _requests.append(request) }
         switch handler(request) {
         case .full(let status, let contentType, let body):
             let head = "HTTP/1.1 \(status) \(Self.reason(status))\r\nContent-Type: \(contentType)\r\n"
@@ -125,10 +132,10 @@ final class StubHTTPServer: @unchecked Sendable {
             if hold {
                 // Keep-alive comments until the client hangs up (or 10 s pass).
                 let deadline = Date().addingTimeInterval(10)
-                while Date() < deadline, !lock.withLock({ stopped }) {
+                while Date() < deadline, !locked({ stopped }) {
                     Thread.sleep(forTimeInterval: 0.05)
                     if !Socket.write(fd, Self.chunk(Data(": ping\n\n".utf8))) || Socket.peerClosed(fd) {
-                        lock.withLock { _disconnects += 1 }
+                        locked { _disconnects += 1 }
                         return
                     }
                 }

@@ -1,0 +1,134 @@
+"""Quality of flash mode against dense: perplexity and greedy-token agreement on held-out text.
+
+    python -m mlx_flash.evaluate --model models/smollm2-135m [--text FILE] [--tokens 256] [--mode both]
+
+Flash mode is evaluated the way it generates: one token at a time with a KV
+cache, so the neuron windows slide exactly as in generation (teacher forcing:
+the next input is the text's token, not the model's). Agreement is the share
+of positions where flash's most likely next token is dense's.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+from tqdm import tqdm
+
+from .errors import FlashError, cli
+from .load import is_flash_folder, load_flash
+from .sparsity import HELDOUT_TEXT, encode_long
+from .utils import load_tokenizer, resolve
+
+DEFAULT_TOKENS = 256
+DEFAULT_OFFSET = 1000  # skip the text's first tokens (titles, chapter headings)
+
+
+def text_tokens(tokenizer, path, n: int, offset: int = DEFAULT_OFFSET) -> np.ndarray:
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError as e:
+        raise FlashError(f"cannot read {path}: {e.strerror}")
+    ids = np.array(encode_long(tokenizer, text), dtype=np.int32)
+    offset = min(offset, max(0, len(ids) - n - 1))
+    if len(ids) - offset < n + 1:
+        raise FlashError(f"{path} has {len(ids)} tokens, fewer than --tokens {n} + 1")
+    return ids[offset : offset + n + 1]
+
+
+def dense_logprobs(model, ids: np.ndarray, chunk: int = 128) -> np.ndarray:
+    """(n, vocab) log-probabilities of the next token at each of the first n positions."""
+    cache = make_prompt_cache(model)
+    out = []
+    for i in range(0, len(ids) - 1, chunk):
+        logits = model(mx.array(ids[i : min(i + chunk, len(ids) - 1)])[None], cache=cache)[0]
+        out.append(np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.float32)))
+    return np.concatenate(out)
+
+
+def stepwise_logprobs(model, ids: np.ndarray, progress: bool = True) -> np.ndarray:
+    """Like dense_logprobs, one token per forward pass (how flash mode generates)."""
+    cache = make_prompt_cache(model)
+    out = []
+    for t in tqdm(range(len(ids) - 1), desc="flash, token by token", unit="tok", disable=not progress):
+        logits = model(mx.array(ids[t : t + 1])[None], cache=cache)[0]
+        out.append(np.array((logits - mx.logsumexp(logits, axis=-1, keepdims=True)).astype(mx.float32)))
+    return np.concatenate(out)
+
+
+def perplexity(logprobs: np.ndarray, ids: np.ndarray) -> float:
+    nll = -logprobs[np.arange(len(logprobs)), ids[1 : len(logprobs) + 1]]
+    return float(math.exp(nll.mean()))
+
+
+def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both", progress=True, **flash_options):
+    """Returns {"dense": {...}, "flash": {...}} with perplexity, agreement and flash statistics."""
+    folder = resolve(str(folder))
+    if not is_flash_folder(folder):
+        raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
+    tokenizer = load_tokenizer(folder)
+    ids = text_tokens(tokenizer, text or HELDOUT_TEXT, tokens)
+    result = {"tokens": tokens, "text": str(text or "mlx_flash/data/heldout.txt")}
+    dense_lp = None
+    if mode in ("dense", "both"):
+        model, _ = load_flash(folder, "dense")
+        t0 = time.perf_counter()
+        dense_lp = dense_logprobs(model, ids)
+        result["dense"] = {"perplexity": perplexity(dense_lp, ids), "seconds": time.perf_counter() - t0}
+        del model
+    if mode in ("flash", "both"):
+        model, cfg = load_flash(folder, "flash", **flash_options)
+        t0 = time.perf_counter()
+        lp = stepwise_logprobs(model, ids, progress)
+        r = {"perplexity": perplexity(lp, ids), "seconds": time.perf_counter() - t0,
+             "stats": model.flash_stats.snapshot(), "plan": model.flash_plan.to_dict(),
+             "sparsity_target": cfg.predictors.get("sparsity_target")}
+        if dense_lp is not None:
+            r["agreement"] = float((lp.argmax(-1) == dense_lp.argmax(-1)).mean())
+            r["perplexity_vs_dense"] = r["perplexity"] / result["dense"]["perplexity"] - 1
+        result["flash"] = r
+        model.flash_reader.close()
+    return result
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Perplexity and agreement of flash mode against dense.")
+    p.add_argument("--model", "-M", required=True, help="converted flash model folder")
+    p.add_argument("--text", default=None, help="held-out text file (default: mlx_flash/data/heldout.txt)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    p.add_argument("--mode", choices=["dense", "flash", "both"], default="both")
+    p.add_argument("--dram-budget", default=None)
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if args.tokens < 2:
+        raise FlashError("--tokens must be at least 2")
+    opts = {k: v for k, v in {"dram_budget": args.dram_budget, "window": args.window}.items() if v is not None}
+    r = evaluate(args.model, args.text, args.tokens, args.mode, **opts)
+    print(f"held-out text: {r['text']}, {r['tokens']} tokens")
+    if "dense" in r:
+        print(f"dense  perplexity {r['dense']['perplexity']:.3f}")
+    if "flash" in r:
+        f, s = r["flash"], r["flash"]["stats"]
+        line = f"flash  perplexity {f['perplexity']:.3f}"
+        if "agreement" in f:
+            line += f" ({f['perplexity_vs_dense']:+.1%} vs dense), greedy agreement {f['agreement']:.1%}"
+        print(line)
+        print(f"       FFN predicted {s['ffn_share_predicted']:.1%}, held {s['ffn_share_resident']:.1%}, "
+              f"read {s['ffn_share_read']:.1%} per token ({s['bytes_read_per_token'] / 1e6:.2f} MB)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(r, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The flash FFN of one layer: predict, slide the window, read the new bundles, compute.
+
+Per token (paper Sections 3.1-3.3):
+  1. the low-rank predictor scores every neuron from the FFN input;
+  2. the layer's NeuronCache slides its window: neurons that left it are deleted
+     by moving the last rows into their slots, new ones get rows [n, n + m);
+  3. the BundleReader reads only those new bundles, straight into the rows;
+  4. the FFN computes on rows [0, n) of the buffer: no gather, no reallocation.
+Computing on every neuron in the window (not only this token's predicted ones)
+costs nothing extra to read and brings the output closer to dense.
+
+A prompt (L > 1) is cut into groups of consecutive tokens whose predicted union
+fits the buffer; each group is one window step.
+"""
+
+import time
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .models.ffn import FFNSpec, bundle_ffn
+
+
+@dataclass
+class FlashStats:
+    """Time and bytes of the flash FFNs of a model, split by phase like the paper's Table 2/3.
+
+    Decode steps (one token through the model) and prompt steps are kept apart;
+    `snapshot()` reports per decode token.
+    """
+
+    n_layers: int = 0
+    d_ff: int = 0
+    decode_tokens: int = 0
+    prompt_tokens: int = 0
+    attention_s: float = 0.0  # everything computed between two FFNs (attention, norms), decode only
+    predict_s: float = 0.0
+    memory_s: float = 0.0  # window bookkeeping and row moves (the paper's "memory management")
+    io_s: float = 0.0
+    ffn_s: float = 0.0  # FFN compute on the buffer rows
+    bytes_read: int = 0
+    bytes_requested: int = 0
+    bundles: int = 0  # bundles read
+    syscalls: int = 0
+    predicted: int = 0  # neurons predicted active, summed over layers and tokens
+    resident: int = 0  # neurons held in the windows, summed over layers and tokens
+    bytes_moved: int = 0
+    window_shrinks: int = 0
+    truncations: int = 0
+    prompt_io_s: float = 0.0
+    prompt_bytes_read: int = 0
+
+    def reset(self):
+        for f in fields(self):
+            if f.name not in ("n_layers", "d_ff"):
+                setattr(self, f.name, f.default)
+
+    def snapshot(self) -> dict:
+        t = max(self.decode_tokens, 1)
+        per_layer_token = max(self.decode_tokens * self.n_layers * self.d_ff, 1)
+        ms = lambda s: 1000.0 * s / t
+        return {
+            "decode_tokens": self.decode_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "ms_attention": ms(self.attention_s),
+            "ms_predict": ms(self.predict_s),
+            "ms_memory": ms(self.memory_s),
+            "ms_io": ms(self.io_s),
+            "ms_ffn": ms(self.ffn_s),
+            "bytes_read_per_token": self.bytes_read / t,
+            "bytes_requested_per_token": self.bytes_requested / t,
+            "bundles_per_token": self.bundles / t,
+            "syscalls_per_token": self.syscalls / t,
+            "read_gb_per_s": self.bytes_read / self.io_s / 1e9 if self.io_s else 0.0,
+            "ffn_share_read": self.bundles / per_layer_token,
+            "ffn_share_predicted": self.predicted / per_layer_token,
+            "ffn_share_resident": self.resident / per_layer_token,
+            "bytes_moved_per_token": self.bytes_moved / t,
+            "window_shrinks": self.window_shrinks,
+            "truncations": self.truncations,
+            "prompt_bytes_read": self.prompt_bytes_read,
+            "prompt_ms_io": 1000.0 * self.prompt_io_s,
+        }
+
+
+class FlashFFN(nn.Module):
+    def __init__(self, layer: int, spec: FFNSpec, quant, predictor, tau: float, buffer, cache, reader,
+                 down_bias, stats: FlashStats):
+        super().__init__()
+        self.layer, self.spec, self.quant = layer, spec, quant
+        self.predictor = predictor  # callable: (N, d_model) -> (N, d_ff) scores; active iff score > tau
+        self.tau = tau
+        self.buffer, self.cache, self.reader = buffer, cache, reader
+        self.down_bias = down_bias
+        self.stats = stats
+        self.freeze()
+
+    def groups(self, pred: np.ndarray):
+        """Cut N tokens into runs whose predicted union fits the buffer (a prompt); N == 1 is one run."""
+        start, union = 0, np.zeros(pred.shape[1], dtype=bool)
+        for t in range(len(pred)):
+            grown = union | pred[t]
+            if t > start and np.count_nonzero(grown) > self.cache.slots:
+                yield start, t
+                start, grown = t, pred[t].copy()
+            union = grown
+        yield start, len(pred)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        xs = x.reshape(-1, shape[-1])  # (N, d_model)
+        decode = xs.shape[0] == 1
+        s = self.stats
+        t0 = time.perf_counter()
+        mx.eval(xs)
+        t1 = time.perf_counter()
+        scores = self.predictor(xs)
+        mx.eval(scores)
+        scores = np.array(scores.astype(mx.float32))  # (N, d_ff)
+        pred = scores > self.tau
+        t2 = time.perf_counter()
+        if decode:
+            s.attention_s += t1 - t0
+            s.predict_s += t2 - t1
+            s.predicted += int(np.count_nonzero(pred))
+            if self.layer == 0:
+                s.decode_tokens += 1
+        elif self.layer == 0:
+            s.prompt_tokens += len(pred)
+
+        outs = []
+        for a, b in self.groups(pred):
+            active = np.flatnonzero(pred[a:b].any(axis=0))
+            if len(active) > self.cache.slots:  # best first, for the cache's truncation
+                active = active[np.argsort(-scores[a:b, active].max(axis=0), kind="stable")]
+            t3 = time.perf_counter()
+            moved0, shrinks0, trunc0 = self.cache.stats.bytes_moved, self.cache.stats.window_shrinks, \
+                self.cache.stats.truncations
+            new, start = self.cache.step(active)
+            t4 = time.perf_counter()
+            try:
+                self.reader.read(self.layer, new, self.buffer, start_row=start, coalesce_gap=0)
+            except BaseException:
+                self.cache.abort()
+                raise
+            self.cache.commit()
+            t5 = time.perf_counter()
+            n = self.cache.n
+            y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
+            mx.eval(y)  # before the next step moves or refills these rows
+            t6 = time.perf_counter()
+            outs.append(y)
+            last = self.reader.last
+            if decode:
+                s.memory_s += t4 - t3
+                s.io_s += t5 - t4
+                s.ffn_s += t6 - t5
+                s.bytes_read += last.bytes_read
+                s.bytes_requested += last.bytes_requested
+                s.bundles += last.bundles
+                s.syscalls += last.syscalls
+                s.resident += n
+                s.bytes_moved += self.cache.stats.bytes_moved - moved0
+                s.window_shrinks += self.cache.stats.window_shrinks - shrinks0
+                s.truncations += self.cache.stats.truncations - trunc0
+            else:
+                s.prompt_io_s += t5 - t4
+                s.prompt_bytes_read += last.bytes_read
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        return y.reshape(shape)

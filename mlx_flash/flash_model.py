@@ -1,0 +1,163 @@
+"""Flash mode: size the neuron windows to a DRAM budget and attach a FlashFFN to every layer.
+
+What stays in DRAM (paper Section 3): the resident weights (embeddings,
+attention, norms, LM head), the predictors, one fixed buffer of bundle rows
+per layer (the neuron window), the KV cache and working memory. `plan()` adds
+these up before anything big is allocated and refuses, in one line, a budget
+that cannot hold them.
+"""
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .bundle_reader import BundleBuffer, BundleReader
+from .errors import FlashError
+from .flash_ffn import FlashFFN, FlashStats
+from .flash_format import RESIDENT_FILE, FlashConfig
+from .neuron_cache import NeuronCache
+from .predictor import load_predictors
+
+DEFAULT_THREADS = 32  # the paper's
+DEFAULT_KV_TOKENS = 2048  # context the budget reserves KV cache for
+SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def model_bytes(folder: Path, cfg: FlashConfig) -> int:
+    """The model's size: resident weights plus every FFN bundle's content (padding excluded)."""
+    return (Path(folder) / RESIDENT_FILE).stat().st_size + cfg.n_layers * cfg.d_ff * cfg.layout.nbytes
+
+
+def parse_budget(budget, total: int) -> Optional[int]:
+    """Bytes ('150M', '1.5G', '2GiB', 123456) or a fraction of the model's size (0.5)."""
+    if budget is None:
+        return None
+    m = _SIZE.match(str(budget))
+    if not m:
+        raise FlashError(f"--dram-budget '{budget}' is not a size (e.g. 60M, 1.5G) or a fraction (e.g. 0.6)")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
+    if not unit and value <= 1.0:
+        return int(value * total)
+    return int(value * _UNITS[unit])
+
+
+@dataclass
+class Plan:
+    """Where the DRAM budget goes, in bytes."""
+
+    budget: Optional[int]
+    model: int
+    resident: int
+    predictors: int
+    kv_cache: int
+    working: int
+    buffers: int
+    slots: List[int]
+    window: int
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.predictors + self.kv_cache + self.working + self.buffers
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def kv_bytes(model_config: dict, tokens: int) -> int:
+    c = model_config
+    heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * 4  # float32 on the CPU backend
+
+
+def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
+         window: Optional[int] = None, kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None) -> Plan:
+    p = cfg.predictors
+    window = window or p["window"]
+    if window < 1:
+        raise FlashError("--window must be at least 1")
+    total = model_bytes(folder, cfg)
+    budget_bytes = parse_budget(budget, total)
+    # working memory: logits of a token and a prompt chunk's activations
+    vocab = cfg.model_config["vocab_size"]
+    working = 2 * vocab * 4 + 64 * cfg.d_ff * 4 * 4
+    kv = kv_bytes(cfg.model_config, kv_tokens)
+    stride = cfg.layout.stride
+
+    if slots is not None:
+        wanted = [min(cfg.d_ff, slots)] * cfg.n_layers
+    else:
+        # the calibrated union of a window of `window` tokens, scaled when another window is asked for
+        base = p["window_union_p99"] if window == p["window"] else [
+            min(cfg.d_ff, share * cfg.d_ff * window) for share in p["predicted_share"]]
+        wanted = [min(cfg.d_ff, int(math.ceil(SLOT_MARGIN * b)) + 8) for b in base]
+    # a token's own predicted set must fit, or the window degenerates into truncation
+    floor = [min(cfg.d_ff, int(math.ceil(share * cfg.d_ff * 1.5)) + 8) for share in p["predicted_share"]]
+    fixed = resident_bytes + predictor_bytes + kv + working
+    if budget_bytes is not None:
+        room = budget_bytes - fixed
+        need = sum(floor) * stride
+        if room < need:
+            raise FlashError(
+                f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
+                f"weights {resident_bytes / 1e6:.1f} MB + predictors {predictor_bytes / 1e6:.1f} MB + KV cache "
+                f"({kv_tokens} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB, plus at least "
+                f"{need / 1e6:.1f} MB of neuron windows, need {(fixed + need) / 1e6:.1f} MB "
+                f"({(fixed + need) / total:.0%} of the model's {total / 1e6:.1f} MB)"
+            )
+        scale = min(1.0, room / (sum(wanted) * stride))
+        wanted = [max(f, int(w * scale)) for w, f in zip(wanted, floor)]
+    buffers = sum(wanted) * stride
+    return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, buffers, wanted, window)
+
+
+def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
+                 threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
+                 kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None):
+    """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
+    (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation)."""
+    folder = Path(folder)
+    if cfg.predictors is None:
+        raise FlashError(
+            f"{folder} has no activation predictors: run python -m mlx_flash.train_predictors --model {folder}")
+    if threads < 1:
+        raise FlashError("--threads must be at least 1")
+    if predictor is None:
+        pfile = folder / cfg.predictors["file"]
+        if not pfile.is_file():
+            raise FlashError(f"{pfile} is missing: run python -m mlx_flash.train_predictors --model {folder}")
+        try:
+            predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers)
+        except Exception as e:
+            raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
+        taus = cfg.predictors["tau"]
+    else:
+        predictors, taus = predictor, [0.0] * cfg.n_layers
+    mx.eval([p.parameters() for p in predictors if hasattr(p, "parameters")])
+    resident_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
+        b.nbytes for b in down_bias if b is not None)
+    predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
+                          for _, v in tree_flatten(p.parameters()))
+    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots)
+
+    reader = BundleReader(folder, cfg, threads=threads, direct=direct, coalesce_gap=coalesce_gap, verify=verify)
+    stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
+    spec = model.ffn_spec
+    for l, layer in enumerate(model.layers):
+        buf = BundleBuffer(pl.slots[l], cfg.layout)
+        cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, rows=buf.np)
+        layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader,
+                             down_bias[l], stats)
+    if pl.budget is not None:
+        mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
+    model.flash_stats = stats
+    model.flash_plan = pl
+    model.flash_reader = reader
+

@@ -1,0 +1,136 @@
+"""Low-rank activation predictors (paper Section 3.1, "Selective persistence strategy").
+
+One per layer: z = B(A x) + b, rank r (the paper: 128, larger for the last
+layers), reading the FFN input x and scoring each neuron; neurons with
+z > tau_l are loaded. Trained with a weighted binary cross-entropy that
+balances the rare positives, then tau_l is set on held-out tokens so that
+the predictor reaches a target recall: it over-predicts rather than miss.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+
+class LowRankPredictor(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(d_model, rank, bias=False)  # A: (rank, d_model)
+        self.up = nn.Linear(rank, d_ff)  # B: (d_ff, rank), b: (d_ff,)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.up(self.down(x))  # (..., d_ff) scores
+
+
+def default_ranks(n_layers: int, d_model: int, rank: int = None, last_rank: int = None, last_layers: int = 4):
+    """The paper's recipe scaled to the model: rank 128 (d_model/4 when smaller), 4x for the last layers."""
+    rank = rank or min(128, max(16, d_model // 4))
+    last_rank = last_rank or min(4 * rank, d_model)
+    return [last_rank if l >= n_layers - last_layers else rank for l in range(n_layers)]
+
+
+@dataclass
+class LayerReport:
+    recall: float  # share of truly active neurons that were predicted
+    precision: float  # share of predicted neurons that were truly active
+    predicted_share: float  # predicted neurons per token / d_ff
+    true_share: float  # active neurons per token / d_ff
+    tau: float  # score threshold
+
+
+def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = 512, lr: float = 2e-3,
+                target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0):
+    """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
+
+    Returns (predictor, LayerReport measured on the last `val_share` of the tokens).
+    """
+    n = len(x)
+    n_val = max(1, int(n * val_share))
+    xt, yt = mx.array(x[: n - n_val]), mx.array(y[: n - n_val].astype(np.float32))
+    xv, yv = x[n - n_val :], y[n - n_val :]
+    p = float(y.mean())
+    # positives are rare in ReLU models (3% in OPT): weight them up, but keep the loss sane
+    pos_weight = float(np.clip((1 - p) / max(p, 1e-4), 1.0, 30.0)) ** 0.5
+
+    mx.random.seed(seed)
+    model = LowRankPredictor(x.shape[1], y.shape[1], rank)
+    model.up.bias = mx.full(model.up.bias.shape, math.log(max(p, 1e-4) / max(1 - p, 1e-4)))
+    opt = optim.AdamW(learning_rate=lr, weight_decay=1e-4)
+
+    def loss_fn(m, xb, yb):
+        z = m(xb)
+        return mx.mean(pos_weight * yb * nn.softplus(-z) + (1 - yb) * nn.softplus(z))
+
+    step = nn.value_and_grad(model, loss_fn)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        perm = mx.array(rng.permutation(len(xt)))
+        for i in range(0, len(xt), batch):
+            idx = perm[i : i + batch]
+            loss, grads = step(model, xt[idx], yt[idx])
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state)
+
+    z = np.array(model(mx.array(xv)).astype(mx.float32))  # (n_val, d_ff)
+    tau = recall_threshold(z, yv, target_recall)
+    return model, report(z, yv, tau)
+
+
+def recall_threshold(z: np.ndarray, y: np.ndarray, target_recall: float) -> float:
+    """The largest tau with recall >= target: the (1 - target) quantile of positives' scores."""
+    pos = z[y]
+    return float(np.quantile(pos, 1 - target_recall)) if pos.size else 0.0
+
+
+def report(z: np.ndarray, y: np.ndarray, tau: float) -> LayerReport:
+    pred = z > tau
+    tp = np.logical_and(pred, y).sum()
+    return LayerReport(
+        recall=float(tp / max(y.sum(), 1)),
+        precision=float(tp / max(pred.sum(), 1)),
+        predicted_share=float(pred.mean()),
+        true_share=float(y.mean()),
+        tau=float(tau),
+    )
+
+
+def window_union_sizes(pred: np.ndarray, window: int, seq_len: int) -> np.ndarray:
+    """Neurons held by a window of `window` tokens, per token: (N,) from (N, d_ff) predicted masks.
+
+    Windows do not cross the boundaries of the calibration sequences.
+    """
+    n, d_ff = pred.shape
+    sizes = np.empty(n, dtype=np.int32)
+    for s in range(0, n, seq_len):
+        cs = np.cumsum(pred[s : s + seq_len], axis=0, dtype=np.int32)  # (T, d_ff)
+        held = cs.copy()
+        held[window:] -= cs[:-window]  # tokens t-window+1 .. t hold each neuron this often
+        sizes[s : s + len(cs)] = np.count_nonzero(held, axis=1)
+    return sizes
+
+
+def save_predictors(predictors: List[LowRankPredictor]) -> Dict[str, mx.array]:
+    """Flat float16 tensors for predictors.safetensors."""
+    out = {}
+    for l, p in enumerate(predictors):
+        out[f"{l}.down.weight"] = p.down.weight.astype(mx.float16)
+        out[f"{l}.up.weight"] = p.up.weight.astype(mx.float16)
+        out[f"{l}.up.bias"] = p.up.bias.astype(mx.float16)
+    return out
+
+
+def load_predictors(weights: Dict[str, mx.array], n_layers: int) -> List[LowRankPredictor]:
+    out = []
+    for l in range(n_layers):
+        rank, d_model = weights[f"{l}.down.weight"].shape
+        d_ff = weights[f"{l}.up.weight"].shape[0]
+        p = LowRankPredictor(d_model, d_ff, rank)
+        p.load_weights([(k.split(".", 1)[1], v) for k, v in weights.items() if k.startswith(f"{l}.")])
+        p.freeze()
+        out.append(p)
+    return out

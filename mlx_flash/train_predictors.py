@@ -1,0 +1,145 @@
+"""Calibrate sparsity and train the activation predictors of a converted model.
+
+    python -m mlx_flash.train_predictors --model models/smollm2-135m [--text FILE ...]
+        [--sparsity 0.5] [--rank R --last-layers-rank R2 --epochs E] [--window K]
+
+Runs the model densely over calibration text (the text shipped in the package
+unless --text is given; `hf://datasets/<repo>/<file>` fetches one from the Hub),
+calibrates one activation threshold per layer (0 for ReLU models), trains one
+low-rank predictor per layer, sizes the neuron windows from the predicted sets,
+and stores it all in the model folder (predictors.safetensors + flash.json).
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .errors import FlashError, cli
+from .flash_format import CONFIG_FILE, FlashConfig
+from .load import is_flash_folder, load_flash
+from .predictor import default_ranks, save_predictors, train_layer, window_union_sizes
+from .sparsity import active_masks, collect, is_relu, read_texts, thresholds, token_windows
+from .utils import load_tokenizer
+
+PREDICTORS_FILE = "predictors.safetensors"
+DEFAULT_SPARSITY = 0.5  # non-ReLU models; chosen from measured perplexity (README, "Quality")
+DEFAULT_WINDOW = 5  # the paper's k
+DEFAULT_TOKENS = 4096  # MLX's x86 CPU backend runs ~100 ms/token: a dense pass costs minutes
+DEFAULT_RECALL = 0.95
+
+
+def fetch_hub_text(spec: str) -> str:
+    """hf://datasets/<org>/<name>/<path in repo> -> a local file."""
+    from huggingface_hub import hf_hub_download
+
+    parts = spec[len("hf://datasets/"):].split("/", 2)
+    if len(parts) != 3:
+        raise FlashError(f"{spec}: expected hf://datasets/<org>/<name>/<file>")
+    try:
+        return hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2], repo_type="dataset")
+    except Exception as e:
+        raise FlashError(f"cannot download {spec}: {str(e).splitlines()[0]}")
+
+
+def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=None, epochs=8,
+          tokens=DEFAULT_TOKENS, seq_len=256, window=DEFAULT_WINDOW, target_recall=DEFAULT_RECALL,
+          progress=True) -> dict:
+    """Calibrate and train; returns the `predictors` entry written to flash.json."""
+    folder = Path(folder)
+    if not is_flash_folder(folder):
+        raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
+    if not 0 < sparsity < 1:
+        raise FlashError("--sparsity must be between 0 and 1")
+    texts = [fetch_hub_text(t) if t.startswith("hf://datasets/") else t for t in (texts or [])]
+    model, cfg = load_flash(folder, "dense")
+    tokenizer = load_tokenizer(folder)
+    windows = token_windows(tokenizer, read_texts(texts), tokens, seq_len)
+    acts = collect(model, windows, progress=progress)
+    del model
+    ts = thresholds(acts, cfg.activation, sparsity)
+    masks = active_masks(acts, ts)
+    ranks = default_ranks(cfg.n_layers, cfg.d_model, rank, last_rank)
+
+    predictors, reports, union_p99 = [], [], []
+    bar = tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress)
+    for l in bar:
+        p, r = train_layer(acts.xs[l], masks[l], ranks[l], epochs=epochs, target_recall=target_recall)
+        predictors.append(p)
+        reports.append(r)
+        z = np.array(p(mx.array(acts.xs[l])).astype(mx.float32))
+        sizes = window_union_sizes(z > r.tau, window, seq_len)
+        union_p99.append(int(np.percentile(sizes, 99)))
+        bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}")
+
+    entry = {
+        "file": PREDICTORS_FILE,
+        "kind": "relu" if is_relu(cfg.activation) else "threshold",
+        "sparsity_target": None if is_relu(cfg.activation) else sparsity,
+        "activation_threshold": ts,
+        "tau": [r.tau for r in reports],
+        "rank": ranks,
+        "target_recall": target_recall,
+        "recall": [r.recall for r in reports],
+        "precision": [r.precision for r in reports],
+        "predicted_share": [r.predicted_share for r in reports],
+        "true_share": [r.true_share for r in reports],
+        "window": window,
+        "window_union_p99": union_p99,
+        "calibration": {"tokens": int(windows.size), "seq_len": seq_len,
+                        "texts": [str(t) for t in texts] or ["mlx_flash/data/calibration.txt"]},
+    }
+    tmp = folder / ("tmp-" + PREDICTORS_FILE)
+    mx.save_safetensors(str(tmp), save_predictors(predictors))
+    os.replace(tmp, folder / PREDICTORS_FILE)
+    cfg.predictors = entry
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(cfg.to_json(), indent=1))
+    os.replace(tmp, folder / CONFIG_FILE)
+    return entry
+
+
+def print_report(entry: dict, d_ff: int):
+    print(f"{'layer':>5} {'rank':>5} {'true':>7} {'pred':>7} {'recall':>7} {'prec':>7} {'window':>7}")
+    for l in range(len(entry["rank"])):
+        print(f"{l:>5} {entry['rank'][l]:>5} {entry['true_share'][l]:>7.3f} {entry['predicted_share'][l]:>7.3f} "
+              f"{entry['recall'][l]:>7.3f} {entry['precision'][l]:>7.3f} {entry['window_union_p99'][l] / d_ff:>7.3f}")
+    mean = lambda k: float(np.mean(entry[k]))
+    print(f"{'mean':>5} {'':>5} {mean('true_share'):>7.3f} {mean('predicted_share'):>7.3f} "
+          f"{mean('recall'):>7.3f} {mean('precision'):>7.3f} {np.mean(entry['window_union_p99']) / d_ff:>7.3f}")
+    print("true/pred: share of the FFN active/predicted per token; window: share held by a window of "
+          f"{entry['window']} tokens (99th percentile)")
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Calibrate sparsity and train activation predictors.")
+    p.add_argument("--model", "-M", required=True, help="converted flash model folder")
+    p.add_argument("--text", nargs="*", default=None,
+                   help="calibration text files (default: the text shipped in mlx_flash/data)")
+    p.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
+                   help="target sparsity of non-ReLU models (ReLU models use activation > 0)")
+    p.add_argument("--rank", type=int, default=None, help="predictor rank (default: 128, or d_model/4)")
+    p.add_argument("--last-layers-rank", type=int, default=None, help="rank of the last 4 layers (default 4x)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window k used to size the neuron caches")
+    p.add_argument("--target-recall", type=float, default=DEFAULT_RECALL)
+    return p
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    entry = train(args.model, args.text, args.sparsity, args.rank, args.last_layers_rank, args.epochs,
+                  args.tokens, args.seq_len, args.window, args.target_recall)
+    print_report(entry, FlashConfig.load(Path(args.model)).d_ff)
+    print(f"predictors written to {Path(args.model) / PREDICTORS_FILE}")
+
+
+if __name__ == "__main__":
+    main()

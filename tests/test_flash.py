@@ -1,0 +1,158 @@
+"""Flash mode on tiny models: exactness with an oracle, bytes read, fixed buffers, budget, corruption."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_flash.errors import FlashError
+from mlx_flash.flash_format import BUNDLES_FILE, FlashConfig
+from mlx_flash.generate import stream
+from mlx_flash.load import load, load_flash
+
+RELU = ["llama_relu_untied", "opt_pre_ln", "opt_post_ln"]
+PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 81, 200]
+
+
+def oracle(folder):
+    """Per layer: the true activations as scores, so `score > 0` is exactly the active set."""
+    dense, _ = load_flash(folder, "dense")
+    return [lambda x, f=layer.mlp.activations: mx.abs(f(x)) for layer in dense.layers]
+
+
+def decode(model, ids, n_new):
+    """Prompt pass, then greedy decoding one token at a time: (all logits, new tokens)."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(ids)[None], cache=cache)[0]]
+    toks = []
+    for _ in range(n_new):
+        toks.append(out[-1][-1].argmax().item())
+        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
+    return np.array(mx.concatenate(out).astype(mx.float32)), toks
+
+
+@pytest.mark.parametrize("name", RELU)
+@pytest.mark.parametrize("window", [1, 3])
+def test_oracle_flash_equals_dense_for_relu(trained_flash, name, window):
+    folder = trained_flash(name)
+    dense, _ = load(str(folder), mode="dense")
+    flash, _ = load(str(folder), mode="flash", predictor=oracle(folder), window=window)
+    want, want_toks = decode(dense, PROMPT, 12)
+    got, got_toks = decode(flash, PROMPT, 12)
+    assert got_toks == want_toks
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    s = flash.flash_stats.snapshot()
+    assert s["decode_tokens"] == 12 and 0 < s["ffn_share_read"] < 1
+    assert s["truncations"] == 0
+
+
+def test_bytes_read_are_the_new_bundles(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    cfg = FlashConfig.load(folder)
+    model, _ = load(str(folder), mode="flash", window=3)
+    reader, layer0 = model.flash_reader, model.layers[0].mlp
+    seen = []
+    orig_step = layer0.cache.step
+
+    def step(active):  # record what the cache asks for, then compare with what the reader read
+        new, start = orig_step(active)
+        seen.append(len(new))
+        return new, start
+
+    layer0.cache.step = step
+    decode(model, PROMPT[:1], 10)
+    s = model.flash_stats
+    assert s.bytes_read == s.bytes_requested == s.bundles * cfg.layout.stride
+    assert reader.stats.bytes_read == reader.stats.bundles * cfg.layout.stride
+    # every token: only neurons not already in the window were read
+    new_total = sum(l.mlp.cache.stats.new_neurons for l in model.layers)
+    assert reader.stats.bundles == new_total
+    assert sum(seen) == layer0.cache.stats.new_neurons
+    assert layer0.cache.stats.new_neurons < layer0.cache.stats.steps * cfg.d_ff
+
+
+def test_buffers_never_reallocated_and_invariants_hold(trained_flash):
+    folder = trained_flash("llama_relu_untied")
+    model, tok = load(str(folder), mode="flash", window=2)
+    before = [(l.mlp.buffer.address, l.mlp.buffer.slots) for l in model.layers]
+    list(stream(model, tok, "hello there, how are you", max_tokens=20))
+    assert [(l.mlp.buffer.address, l.mlp.buffer.slots) for l in model.layers] == before
+    for l in model.layers:
+        c = l.mlp.cache
+        res = c.resident
+        assert len(set(res.tolist())) == len(res) == c.n <= c.slots
+        assert (c.neuron_to_slot[res] == np.arange(c.n)).all()
+
+
+def test_small_buffers_shrink_the_window_and_still_run(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    model, tok = load(str(folder), mode="flash", window=8, slots=40)
+    out = list(stream(model, tok, "abc", max_tokens=10))
+    assert len(out) == 10
+    s = model.flash_stats.snapshot()
+    assert s["window_shrinks"] > 0
+
+
+def test_trained_predictors_report(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    p = FlashConfig.load(folder).predictors
+    assert p["kind"] == "relu" and p["activation_threshold"] == [0.0, 0.0]
+    assert all(0.8 <= r <= 1.0 for r in p["recall"])
+    assert all(0 < s < 1 for s in p["predicted_share"])
+    assert all(w <= 256 for w in p["window_union_p99"])
+    assert (folder / p["file"]).is_file()
+
+
+def test_threshold_sparsity_for_glu(trained_flash):
+    folder = trained_flash("llama_silu_tied", sparsity=0.6)
+    p = FlashConfig.load(folder).predictors
+    assert p["kind"] == "threshold" and p["sparsity_target"] == 0.6
+    assert all(abs(s - 0.4) < 0.05 for s in p["true_share"])  # calibrated on the same text
+    model, tok = load(str(folder), mode="flash")
+    assert len(list(stream(model, tok, "hi", max_tokens=5))) == 5
+
+
+def test_generate_flash_cli_reports_reads(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    p = subprocess.run([sys.executable, "-m", "mlx_flash.generate", "--model", str(folder), "--mode", "flash",
+                        "-p", "hello", "--max-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    mb = float(p.stderr.split("|")[-1].split("MB")[0])
+    assert mb > 0
+
+
+def run_cli(*args):
+    p = subprocess.run([sys.executable, "-m", "mlx_flash.generate", *args], capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stderr
+
+
+def test_budget_too_small_is_refused(trained_flash):
+    rc, err = run_cli("--model", str(trained_flash("opt_pre_ln")), "--mode", "flash", "--dram-budget", "10K")
+    assert rc != 0 and "Traceback" not in err
+    assert err.strip().startswith("error: a DRAM budget of 0.0 MB cannot hold") and len(err.strip().splitlines()) == 1
+
+
+def test_corrupted_bundle_detected_when_read(trained_flash, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(trained_flash("opt_pre_ln"), folder)
+    cfg = FlashConfig.load(folder)
+    with open(folder / BUNDLES_FILE, "r+b") as f:  # every neuron of layer 0 gets one flipped byte
+        for i in range(cfg.d_ff):
+            f.seek(cfg.bundle_offset(0, i) + 10)
+            b = f.read(1)
+            f.seek(cfg.bundle_offset(0, i) + 10)
+            f.write(bytes([b[0] ^ 0x55]))
+    rc, err = run_cli("--model", str(folder), "--mode", "flash", "-p", "hi", "--max-tokens", "2")
+    assert rc != 0 and "Traceback" not in err
+    assert "corrupted bundle: layer 0 neuron" in err and "checksum" in err
+
+
+def test_missing_predictors_is_one_line(tiny_flash):
+    rc, err = run_cli("--model", str(tiny_flash("opt_pre_ln")), "--mode", "flash")
+    assert rc != 0 and "train_predictors" in err and "Traceback" not in err
