@@ -77,7 +77,7 @@ public final class ChatSession {
     /// The last failure as one sentence; cleared by the next `send`.
     public private(set) var lastError: String?
     /// Called on the main actor after every change (each streamed delta included).
-    public var onChange: (() -> Void)?
+    public var onChange: (@MainActor () -> Void)?
 
     private var task: Task<Void, Never>?
 

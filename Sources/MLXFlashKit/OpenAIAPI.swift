@@ -116,15 +116,20 @@ public struct FlashStats: Codable, Equatable, Sendable {
     public var bytesReadPerToken: Double?
     /// "dense" or "flash" (or another mode the server reports).
     public var mode: String?
+    public var promptTokensPerSecond: Double?
+    public var peakMemoryGB: Double?
 
     public init(
         tokensPerSecond: Double? = nil, msPerToken: Double? = nil,
-        bytesReadPerToken: Double? = nil, mode: String? = nil
+        bytesReadPerToken: Double? = nil, mode: String? = nil,
+        promptTokensPerSecond: Double? = nil, peakMemoryGB: Double? = nil
     ) {
         self.tokensPerSecond = tokensPerSecond
         self.msPerToken = msPerToken
         self.bytesReadPerToken = bytesReadPerToken
         self.mode = mode
+        self.promptTokensPerSecond = promptTokensPerSecond
+        self.peakMemoryGB = peakMemoryGB
     }
 
     enum CodingKeys: String, CodingKey {
@@ -132,6 +137,8 @@ public struct FlashStats: Codable, Equatable, Sendable {
         case msPerToken = "ms_per_token"
         case bytesReadPerToken = "bytes_read_per_token"
         case mode
+        case promptTokensPerSecond = "prompt_tokens_per_second"
+        case peakMemoryGB = "peak_memory_gb"
     }
 }
 

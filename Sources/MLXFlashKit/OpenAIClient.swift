@@ -137,7 +137,7 @@ public struct OpenAIClient: Sendable {
         let url = request.url?.absoluteString ?? "?"
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Data, Error>) in
-                let task = URLSession.shared.dataTask(with: request) { data, response, error in
+                let task = uncachedSession.dataTask(with: request) { data, response, error in
                     if let error {
                         continuation.resume(throwing: mapTransportError(error, url: url))
                         return
@@ -158,6 +158,21 @@ public struct OpenAIClient: Sendable {
         }
     }
 }
+
+/// Sessions without a URLCache. On Linux, FoundationNetworking looks a request up in
+/// the cache before its protocol exists; a `cancel()` landing in that window reports its
+/// failure after the task has left the session's registry, which traps the process
+/// ("Trying to access a behaviour for a task that in not in the registry").
+/// The server's answers are never cacheable anyway.
+func uncachedConfiguration() -> URLSessionConfiguration {
+    let configuration = URLSessionConfiguration.ephemeral
+    configuration.urlCache = nil
+    configuration.requestCachePolicy = .reloadIgnoringLocalCacheData
+    return configuration
+}
+
+/// The session for requests that are not streamed.
+let uncachedSession = URLSession(configuration: uncachedConfiguration())
 
 /// Turns a URLSession failure into `CancellationError` or `.transport`.
 func mapTransportError(_ error: Error, url: String) -> Error {
@@ -209,7 +224,8 @@ final class ChatEventStream: NSObject, URLSessionDataDelegate, @unchecked Sendab
     private var parser = SSEParser()
     private var status: Int?
     private var errorBody = Data()
-    private var finished = false
+    private var finished = false   // no more events go to the consumer
+    private var completed = false  // URLSession reported the end of the request
     private var sawFinishReason = false
     private var url = "?"
 
@@ -221,17 +237,18 @@ final class ChatEventStream: NSObject, URLSessionDataDelegate, @unchecked Sendab
         var request = request
         request.setValue("text/event-stream", forHTTPHeaderField: "Accept")
         url = request.url?.absoluteString ?? "?"
-        let configuration = URLSessionConfiguration.ephemeral
+        let configuration = uncachedConfiguration()
         configuration.timeoutIntervalForRequest = request.timeoutInterval
         let session = URLSession(configuration: configuration, delegate: self, delegateQueue: nil)
         let task = session.dataTask(with: request)
         continuation.onTermination = { [weak self] _ in
-            // The stream ended or its consumer went away: stop the request. Marking the
-            // stream finished first keeps the cancelled request's own completion from
-            // racing the consumer's cancellation with an error.
-            self?.markFinished()
-            task.cancel()
-            session.invalidateAndCancel()
+            // The stream ended or its consumer went away. Unless the request has already
+            // completed, stop it: that closes the connection, and the server stops
+            // generating. Marking the stream finished first keeps the cancelled request's
+            // completion from racing the consumer's cancellation with an error.
+            if self?.markFinished() == true { task.cancel() }
+            // Releases this delegate once the task is over.
+            session.finishTasksAndInvalidate()
         }
         task.resume()
     }
@@ -250,17 +267,14 @@ final class ChatEventStream: NSObject, URLSessionDataDelegate, @unchecked Sendab
             return
         }
         for event in parser.feed(data) where !finished {
-            handle(event)
+            handle(event)  // finishing the stream cancels the task (see onTermination)
         }
-        if finished { dataTask.cancel() }
     }
 
     func urlSession(_ session: URLSession, task: URLSessionTask, didCompleteWithError error: Error?) {
         lock.lock()
-        defer {
-            lock.unlock()
-            session.finishTasksAndInvalidate()
-        }
+        defer { lock.unlock() }
+        completed = true
         guard !finished else { return }
         if status == nil {
             status = (task.response as? HTTPURLResponse)?.statusCode
@@ -310,10 +324,12 @@ final class ChatEventStream: NSObject, URLSessionDataDelegate, @unchecked Sendab
         }
     }
 
-    private func markFinished() {
+    /// Marks the stream finished; true while the request is still running.
+    private func markFinished() -> Bool {
         lock.lock()
+        defer { lock.unlock() }
         finished = true
-        lock.unlock()
+        return !completed
     }
 
     /// Ends the stream once; caller holds `lock`.

@@ -82,7 +82,7 @@ public final class ServerProcess {
     }
 
     /// Called on the main actor after each change of `state`.
-    public var onStateChange: ((State) -> Void)?
+    public var onStateChange: (@MainActor (State) -> Void)?
 
     /// The configuration of the last start.
     public private(set) var configuration: Configuration?
@@ -132,6 +132,13 @@ public final class ServerProcess {
     public func stop(grace: TimeInterval = 10) async {
         await terminateProcess(grace: grace)
         state = .stopped
+    }
+
+    /// Sends SIGTERM without waiting, for when the app itself is quitting.
+    public func signalStop() {
+        guard let process, process.isRunning else { return }
+        stopping = true
+        process.terminate()
     }
 
     /// The last `maxBytes` of the server's log.

@@ -21,8 +21,9 @@ public struct Settings: Codable, Equatable, Sendable {
     public var topP: Double
     public var maxTokens: Int
     public var mode: GenerationMode
-    /// DRAM budget for flash mode, passed verbatim to `--dram-budget` (e.g. "2GB");
-    /// empty means the server's default.
+    /// DRAM budget for flash mode, passed verbatim to `--dram-budget`: bytes with an
+    /// optional suffix ("60M", "1.5G") or a fraction of the model ("0.6"); empty means
+    /// the server's default.
     public var dramBudget: String
     /// Python that has mlx_flash installed, e.g. `/path/to/mlx-flash/.venv/bin/python`.
     /// A bare name ("python3") is looked up on PATH.
