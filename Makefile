@@ -24,7 +24,7 @@ test-python: $(STAMP)
 
 test-swift: $(STAMP)
 	@if command -v swift >/dev/null 2>&1 && [ -f Package.swift ]; then \
-		swift build && swift test; \
+		swift build && MLX_FLASH_PYTHON=$(CURDIR)/$(PY) MLX_FLASH_REQUIRE_LIVE=1 swift test; \
 	else echo "swift not found: Swift tests not run"; fi
 
 clean:

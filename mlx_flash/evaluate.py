@@ -103,6 +103,7 @@ def setup_arg_parser():
     p.add_argument("--mode", choices=["dense", "flash", "both"], default="both")
     p.add_argument("--dram-budget", default=None)
     p.add_argument("--window", type=int, default=None)
+    p.add_argument("--recall", type=float, default=None, help="predictor recall level (default: calibrated)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
@@ -112,7 +113,8 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.tokens < 2:
         raise FlashError("--tokens must be at least 2")
-    opts = {k: v for k, v in {"dram_budget": args.dram_budget, "window": args.window}.items() if v is not None}
+    opts = {"dram_budget": args.dram_budget, "window": args.window, "recall": args.recall}
+    opts = {k: v for k, v in opts.items() if v is not None}
     r = evaluate(args.model, args.text, args.tokens, args.mode, **opts)
     print(f"held-out text: {r['text']}, {r['tokens']} tokens")
     if "dense" in r:

@@ -77,9 +77,23 @@ def kv_bytes(model_config: dict, tokens: int) -> int:
     return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * 4  # float32 on the CPU backend
 
 
-def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
-         window: Optional[int] = None, kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None) -> Plan:
+def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
+    """The calibration facts at one recall level: tau, predicted_share, window_union_p99 per layer."""
     p = cfg.predictors
+    if recall is None or recall == p["target_recall"]:
+        return p
+    levels = p.get("recall_levels", {})
+    key = next((k for k in levels if abs(float(k) - recall) < 1e-9), None)
+    if key is None:
+        have = ", ".join(sorted(levels, key=float)) or str(p["target_recall"])
+        raise FlashError(f"--recall {recall}: the predictors were calibrated for recall {have}")
+    return {**p, **levels[key]}
+
+
+def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
+         window: Optional[int] = None, kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None,
+         recall: Optional[float] = None) -> Plan:
+    p = predictor_level(cfg, recall)
     window = window or p["window"]
     if window < 1:
         raise FlashError("--window must be at least 1")
@@ -120,9 +134,11 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
 
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
-                 kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None):
+                 kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None,
+                 recall: Optional[float] = None):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
-    (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation)."""
+    (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
+    recall: one of the calibrated recall levels (default: the training target)."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -137,7 +153,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
             predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers)
         except Exception as e:
             raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
-        taus = cfg.predictors["tau"]
+        taus = predictor_level(cfg, recall)["tau"]
     else:
         predictors, taus = predictor, [0.0] * cfg.n_layers
     mx.eval([p.parameters() for p in predictors if hasattr(p, "parameters")])
@@ -145,7 +161,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         b.nbytes for b in down_bias if b is not None)
     predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
                           for _, v in tree_flatten(p.parameters()))
-    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots)
+    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots, recall)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, coalesce_gap=coalesce_gap, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)

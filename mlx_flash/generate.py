@@ -129,11 +129,14 @@ def setup_arg_parser():
                    help="flash mode: memory budget in bytes (e.g. 60M, 1.5G) or a fraction of the model (0.6)")
     p.add_argument("--window", type=int, default=None, help="flash mode: tokens in the neuron window")
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
+    p.add_argument("--recall", type=float, default=None,
+                   help="flash mode: predictor recall level to run at (one of those calibrated; default 0.95)")
     return p
 
 
 def flash_options(args) -> dict:
-    opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads}
+    opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
+            "recall": args.recall}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -155,7 +158,7 @@ def main(argv=None):
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window and --threads apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
     model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None

@@ -16,6 +16,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+# recall levels whose thresholds are stored, so flash mode can trade quality for reads at load time
+RECALL_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+
 
 class LowRankPredictor(nn.Module):
     def __init__(self, d_model: int, d_ff: int, rank: int):
@@ -41,13 +44,15 @@ class LayerReport:
     predicted_share: float  # predicted neurons per token / d_ff
     true_share: float  # active neurons per token / d_ff
     tau: float  # score threshold
+    union_p99: int = 0  # neurons held by a window at this threshold (99th percentile), set by the caller
 
 
 def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = 512, lr: float = 2e-3,
                 target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0):
     """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
 
-    Returns (predictor, LayerReport measured on the last `val_share` of the tokens).
+    Returns (predictor, {recall: LayerReport}) measured on the last `val_share` of the tokens,
+    one report per recall level: the threshold tau that reaches it and what it costs.
     """
     n = len(x)
     n_val = max(1, int(n * val_share))
@@ -77,8 +82,8 @@ def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch:
             mx.eval(model.parameters(), opt.state)
 
     z = np.array(model(mx.array(xv)).astype(mx.float32))  # (n_val, d_ff)
-    tau = recall_threshold(z, yv, target_recall)
-    return model, report(z, yv, tau)
+    levels = sorted(set(RECALL_LEVELS) | {target_recall})
+    return model, {r: report(z, yv, recall_threshold(z, yv, r)) for r in levels}
 
 
 def recall_threshold(z: np.ndarray, y: np.ndarray, target_recall: float) -> float:

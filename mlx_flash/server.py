@@ -544,6 +544,7 @@ def setup_arg_parser():
                    help="flash mode: memory budget in bytes (e.g. 60M, 1.5G) or a fraction of the model (0.6)")
     p.add_argument("--window", type=int, default=None, help="flash mode: tokens in the neuron window")
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
+    p.add_argument("--recall", type=float, default=None, help="flash mode: predictor recall level")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
@@ -560,7 +561,7 @@ def log(line: str):
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window and --threads apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
     if args.max_prompt_tokens < 1:
         raise FlashError("--max-prompt-tokens must be at least 1")
     if not 0 <= args.port <= 65535:

@@ -65,16 +65,22 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     masks = active_masks(acts, ts)
     ranks = default_ranks(cfg.n_layers, cfg.d_model, rank, last_rank)
 
-    predictors, reports, union_p99 = [], [], []
+    predictors, tables = [], []
     bar = tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress)
     for l in bar:
-        p, r = train_layer(acts.xs[l], masks[l], ranks[l], epochs=epochs, target_recall=target_recall)
+        p, by_recall = train_layer(acts.xs[l], masks[l], ranks[l], epochs=epochs, target_recall=target_recall)
         predictors.append(p)
-        reports.append(r)
         z = np.array(p(mx.array(acts.xs[l])).astype(mx.float32))
-        sizes = window_union_sizes(z > r.tau, window, seq_len)
-        union_p99.append(int(np.percentile(sizes, 99)))
+        for r in by_recall.values():  # neurons a window of `window` tokens holds at this threshold
+            r.union_p99 = int(np.percentile(window_union_sizes(z > r.tau, window, seq_len), 99))
+        tables.append(by_recall)
+        r = by_recall[target_recall]
         bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}")
+    reports = [t[target_recall] for t in tables]
+    union_p99 = [r.union_p99 for r in reports]
+    levels = {str(k): {"tau": [t[k].tau for t in tables], "recall": [t[k].recall for t in tables],
+                       "predicted_share": [t[k].predicted_share for t in tables],
+                       "window_union_p99": [t[k].union_p99 for t in tables]} for k in tables[0]}
 
     entry = {
         "file": PREDICTORS_FILE,
@@ -90,6 +96,7 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
         "true_share": [r.true_share for r in reports],
         "window": window,
         "window_union_p99": union_p99,
+        "recall_levels": levels,
         "calibration": {"tokens": int(windows.size), "seq_len": seq_len,
                         "texts": [str(t) for t in texts] or ["mlx_flash/data/calibration.txt"]},
     }
