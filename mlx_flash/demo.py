@@ -53,7 +53,7 @@ def main(argv=None):
         convert(args.model, folder)
     if FlashConfig.load(folder).predictors is None:
         step("calibrating sparsity and training the activation predictors (once)")
-        train(folder, tokens=2048)
+        train(folder, tokens=1024)  # half the default, to keep the first demo short on a CPU
     model, tokenizer = load(str(folder), mode="dense")
     run(f"dense: every weight in memory ({folder})", model, tokenizer, args.prompt, args.max_tokens)
     del model

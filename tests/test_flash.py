@@ -156,3 +156,17 @@ def test_corrupted_bundle_detected_when_read(trained_flash, tmp_path):
 def test_missing_predictors_is_one_line(tiny_flash):
     rc, err = run_cli("--model", str(tiny_flash("opt_pre_ln")), "--mode", "flash")
     assert rc != 0 and "train_predictors" in err and "Traceback" not in err
+
+
+def test_recall_levels_trade_reads_for_quality(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    levels = FlashConfig.load(folder).predictors["recall_levels"]
+    shares = [np.mean(levels[k]["predicted_share"]) for k in sorted(levels, key=float)]
+    assert shares == sorted(shares)  # a higher recall predicts more neurons
+    low, _ = load(str(folder), mode="flash", recall=0.5)
+    high, _ = load(str(folder), mode="flash", recall=0.99)
+    for m in (low, high):
+        decode(m, PROMPT, 6)
+    assert low.flash_stats.predicted < high.flash_stats.predicted
+    with pytest.raises(FlashError, match="calibrated for recall"):
+        load(str(folder), mode="flash", recall=0.123)

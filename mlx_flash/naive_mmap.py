@@ -1,0 +1,402 @@
+"""The paper's baselines (Section 4, Table 2): half the model in DRAM, the rest read every token.
+
+Both baselines keep attention, embeddings and norms resident plus whole FFN
+layers until the DRAM budget is spent (the paper: "half of the model"); the FFN
+of every other layer is read in full for every token:
+
+- `MmapFFN` ("naive"): the layer's bundles through a memory map of `ffn.bundles`
+  whose pages are cold every token. Touching them faults them in (I/O), copying
+  them into an MLX array and evicting them again (madvise DONTNEED on the
+  mapping + posix_fadvise DONTNEED on the file) is memory management.
+- `HybridFFN` (the paper's stronger baseline): `BundleReader.read_layer_all`,
+  large sequential direct reads into one preallocated buffer (I/O), no copies.
+- `ResidentFFN`: a dense layer kept in DRAM (the resident half, and the dense row).
+
+All of them fill a `flash_ffn.FlashStats` with the same phases as `FlashFFN`
+(attention = everything computed since the previous FFN; I/O; memory
+management; FFN compute), so the benchmark's rows are comparable.
+
+    model, down_bias = load_resident(folder, cfg)
+    ctx = attach_baseline(model, folder, cfg, down_bias, "mmap", dram_budget=0.5)
+    ...                      # generate; ctx.stats.snapshot() per decode token
+    ctx.close()
+"""
+
+import ctypes
+import mmap
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .bundle_reader import MX_DTYPES, BundleBuffer, BundleReader
+from .errors import FlashError
+from .flash_ffn import FlashStats
+from .flash_format import BUNDLES_FILE, PAGE, FlashConfig, round_up
+from .flash_model import kv_bytes, model_bytes, parse_budget
+from .models.ffn import BundleFFN, FFNSpec, bundle_ffn
+
+KINDS = ("mmap", "hybrid")
+DEFAULT_SHARE = 0.5  # the paper's baselines hold half of the model
+
+
+# MARK: - typed views over a (n, stride) MLX array of bundles
+
+
+def fields_of(rows: mx.array, layout) -> dict:
+    """Like BundleBuffer.fields over any (n, stride) uint8 MLX array: dtype view of whole rows
+    first, then the field's columns (the other order makes MLX copy)."""
+    n = rows.shape[0]
+    out = {}
+    for f in layout.fields:
+        dt = MX_DTYPES[f.dtype]
+        count = int(np.prod(f.shape))
+        v = rows.view(dt)[:, f.offset // dt.size : f.offset // dt.size + count]  # (n, count)
+        v = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
+        matrix, _, part = f.name.partition(".")
+        if part:
+            out.setdefault(matrix, {})[part] = v
+        else:
+            out[f.name] = v
+    return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v for k, v in out.items()}
+
+
+# MARK: - the file as a memory map whose pages we can make cold
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+class MappedBundles:
+    """`ffn.bundles` mapped read-only; `evict` makes a range cold, `resident_bytes` counts
+    how much of it the page cache holds (mincore: page cache residency, mapped or not)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+        self.np = np.frombuffer(self.mm, dtype=np.uint8)  # (size,) zero-copy view of the mapping
+        self.address = self.np.ctypes.data
+        self._vec = np.zeros(round_up(self.size, PAGE) // PAGE, dtype=np.uint8)
+
+    def evict(self, offset: int = 0, length: Optional[int] = None):
+        """Drop the range from this mapping and from the page cache (both needed: a mapped
+        page is not dropped by fadvise, an unmapped cached page is not dropped by madvise)."""
+        length = self.size - offset if length is None else min(length, self.size - offset)
+        self.mm.madvise(mmap.MADV_DONTNEED, offset, length)
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+    def resident_bytes(self, offset: int = 0, length: Optional[int] = None) -> int:
+        length = self.size - offset if length is None else min(length, self.size - offset)
+        first, last = offset // PAGE, (offset + length + PAGE - 1) // PAGE
+        vec = self._vec[first:last]
+        if _libc.mincore(ctypes.c_void_p(self.address + first * PAGE), (last - first) * PAGE,
+                         vec.ctypes.data_as(ctypes.c_void_p)) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return int(np.count_nonzero(vec & 1)) * PAGE
+
+    def close(self):
+        if self.fd >= 0:
+            del self.np
+            try:
+                self.mm.close()
+            except BufferError:  # a view is still alive somewhere: the GC unmaps it later
+                pass
+            os.close(self.fd)
+            self.fd = -1
+
+
+def major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+@dataclass
+class MapStats:
+    """What the page cache did in the naive row (beyond FlashStats)."""
+
+    major_faults: int = 0  # decode tokens only
+    warm_bytes: int = 0  # bytes of a layer already cached before its first touch (readahead of the layer before)
+    peak_cached_bytes: int = 0  # largest page-cache footprint of ffn.bundles seen (before each eviction)
+
+    def reset(self):
+        self.__init__()
+
+
+# MARK: - FFN providers
+
+
+class _Timed(nn.Module):
+    """Shared per-call bookkeeping: attention time (evaluating the input) and token counting."""
+
+    def __init__(self, layer: int, stats: FlashStats):
+        super().__init__()
+        self.layer, self.stats = layer, stats
+
+    def _begin(self, x: mx.array):
+        xs = x.reshape(-1, x.shape[-1])  # (N, d_model)
+        decode = xs.shape[0] == 1
+        t0 = time.perf_counter()
+        mx.eval(xs)
+        if decode:
+            self.stats.attention_s += time.perf_counter() - t0
+            if self.layer == 0:
+                self.stats.decode_tokens += 1
+        elif self.layer == 0:
+            self.stats.prompt_tokens += xs.shape[0]
+        return xs, decode
+
+
+class ResidentFFN(_Timed):
+    """A dense layer held in DRAM (bundles copied once), timed like the others."""
+
+    def __init__(self, layer: int, ffn: BundleFFN, stats: FlashStats):
+        super().__init__(layer, stats)
+        self.ffn = ffn
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xs, decode = self._begin(x)
+        t0 = time.perf_counter()
+        y = self.ffn(xs)
+        mx.eval(y)
+        if decode:
+            self.stats.ffn_s += time.perf_counter() - t0
+        return y.reshape(x.shape)
+
+
+class MmapFFN(_Timed):
+    """Naive baseline: the whole layer through cold pages of a memory map, every token.
+
+    I/O: touching one byte per page faults the layer in (with the kernel's readahead,
+    as any mmap user gets). Memory management: the copy into an MLX array and the
+    eviction. `last` evicts the whole file (readahead past the layers read).
+    """
+
+    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, mapped: MappedBundles, down_bias,
+                 stats: FlashStats, map_stats: MapStats, evict: bool = True, last: bool = False):
+        super().__init__(layer, stats)
+        self.spec, self.cfg, self.mapped = spec, cfg, mapped
+        self.down_bias, self.map_stats = down_bias, map_stats
+        self.evict, self.last = evict, last
+        self.offset = cfg.layers[layer]["offset"]
+        self.nbytes = cfg.d_ff * cfg.layout.stride
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xs, decode = self._begin(x)
+        s, ms = self.stats, self.map_stats
+        flat = self.mapped.np[self.offset : self.offset + self.nbytes]
+        if decode:
+            warm = self.mapped.resident_bytes(self.offset, self.nbytes)
+        faults0 = major_faults()
+        t0 = time.perf_counter()
+        int(flat[::PAGE].max())  # one byte per page: the page faults (disk reads) happen here
+        t1 = time.perf_counter()
+        rows = mx.array(flat.reshape(self.cfg.d_ff, self.cfg.layout.stride))  # (d_ff, stride) copy
+        mx.eval(rows)
+        t2 = time.perf_counter()
+        cached = self.mapped.resident_bytes()  # bookkeeping of the benchmark, not timed
+        t3 = time.perf_counter()
+        if self.evict:
+            if self.last:
+                self.mapped.evict()
+            else:
+                self.mapped.evict(self.offset, round_up(self.nbytes, PAGE))
+        t4 = time.perf_counter()
+        y = bundle_ffn(xs, self.spec, fields_of(rows, self.cfg.layout), self.down_bias, self.cfg.quantization)
+        mx.eval(y)
+        t5 = time.perf_counter()
+        ms.peak_cached_bytes = max(ms.peak_cached_bytes, cached)
+        if decode:
+            s.io_s += t1 - t0
+            s.memory_s += (t2 - t1) + (t4 - t3)
+            s.ffn_s += t5 - t4
+            s.bytes_read += self.nbytes
+            s.bytes_requested += self.nbytes
+            s.bundles += self.cfg.d_ff
+            s.resident += self.cfg.d_ff
+            s.syscalls += major_faults() - faults0
+            s.bytes_moved += self.nbytes  # the copy
+            ms.major_faults += major_faults() - faults0
+            ms.warm_bytes += warm
+        else:
+            s.prompt_io_s += t1 - t0
+            s.prompt_bytes_read += self.nbytes
+        return y.reshape(x.shape)
+
+
+class HybridFFN(_Timed):
+    """Hybrid baseline: the whole layer in large direct reads into one shared buffer, every token."""
+
+    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, reader: BundleReader,
+                 buffer: BundleBuffer, down_bias, stats: FlashStats):
+        super().__init__(layer, stats)
+        self.spec, self.cfg, self.reader, self.buffer = spec, cfg, reader, buffer
+        self.down_bias = down_bias
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        xs, decode = self._begin(x)
+        s = self.stats
+        t0 = time.perf_counter()
+        self.reader.read_layer_all(self.layer, self.buffer)
+        t1 = time.perf_counter()
+        y = bundle_ffn(xs, self.spec, self.buffer.fields(), self.down_bias, self.cfg.quantization)
+        mx.eval(y)  # before the next layer refills the buffer
+        t2 = time.perf_counter()
+        last = self.reader.last
+        if decode:
+            s.io_s += t1 - t0
+            s.ffn_s += t2 - t1
+            s.bytes_read += last.bytes_read
+            s.bytes_requested += last.bytes_requested
+            s.bundles += last.bundles
+            s.syscalls += last.syscalls
+            s.resident += self.cfg.d_ff
+        else:
+            s.prompt_io_s += t1 - t0
+            s.prompt_bytes_read += last.bytes_read
+        return y.reshape(x.shape)
+
+
+# MARK: - what stays resident, and attaching the providers
+
+
+def working_bytes(cfg: FlashConfig) -> int:
+    """Logits of a token and a prompt chunk's activations (the same estimate as flash_model.plan)."""
+    return 2 * cfg.model_config["vocab_size"] * 4 + 64 * cfg.d_ff * 4 * 4
+
+
+@dataclass
+class BaselinePlan:
+    """Where the budget goes in a baseline row, in bytes."""
+
+    kind: str
+    budget: int
+    model: int
+    resident: int  # attention, embeddings, norms (resident.safetensors as loaded)
+    layer_bytes: int  # one FFN layer in DRAM: d_ff x stride
+    dense_layers: List[int]  # FFN layers held in DRAM
+    staging: int  # one layer's buffer (hybrid) or mapped pages + MLX copy (mmap)
+    kv_cache: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.resident + len(self.dense_layers) * self.layer_bytes + self.staging + self.kv_cache + self.working
+
+    @property
+    def weights_in_memory(self) -> int:
+        return self.resident + len(self.dense_layers) * self.layer_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "weights_in_memory": self.weights_in_memory}
+
+
+def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str, dram_budget=DEFAULT_SHARE,
+                  kv_tokens: int = 2048) -> BaselinePlan:
+    """Hold whole FFN layers (the first ones) while everything still fits the budget."""
+    assert kind in KINDS
+    total = model_bytes(folder, cfg)
+    budget = parse_budget(DEFAULT_SHARE if dram_budget is None else dram_budget, total)
+    layer_bytes = cfg.d_ff * cfg.layout.stride
+    staging = (2 if kind == "mmap" else 1) * layer_bytes
+    p = BaselinePlan(kind, budget, total, resident_bytes, layer_bytes, [], staging,
+                     kv_bytes(cfg.model_config, kv_tokens), working_bytes(cfg))
+    if p.total > budget:
+        raise FlashError(
+            f"a DRAM budget of {budget / 1e6:.1f} MB cannot hold the {kind} baseline: resident weights "
+            f"{resident_bytes / 1e6:.1f} MB + one streamed layer {staging / 1e6:.1f} MB + KV cache "
+            f"{p.kv_cache / 1e6:.1f} MB + working {p.working / 1e6:.1f} MB = {p.total / 1e6:.1f} MB")
+    k = min(cfg.n_layers, (budget - p.total) // layer_bytes)
+    if k == cfg.n_layers:  # nothing streamed: no staging needed either
+        p.staging = 0
+    p.dense_layers = list(range(k))
+    return p
+
+
+def resident_param_bytes(model, down_bias) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
+        b.nbytes for b in down_bias if b is not None)
+
+
+def read_layer(folder: Path, cfg: FlashConfig, layer: int) -> np.ndarray:
+    """(d_ff, stride) bytes of one layer, read once through the page cache."""
+    n = cfg.d_ff * cfg.layout.stride
+    with open(Path(folder) / BUNDLES_FILE, "rb") as f:
+        f.seek(cfg.layers[layer]["offset"])
+        data = np.frombuffer(f.read(n), dtype=np.uint8)
+    if data.size != n:
+        raise FlashError(f"{Path(folder) / BUNDLES_FILE} is truncated: layer {layer} is incomplete")
+    return data.reshape(cfg.d_ff, cfg.layout.stride)
+
+
+def resident_layer(model, cfg: FlashConfig, layer: int, rows: np.ndarray, down_bias, stats) -> ResidentFFN:
+    fields = {k: tuple(map(mx.contiguous, v)) if isinstance(v, tuple) else mx.contiguous(v)
+              for k, v in fields_of(mx.array(rows), cfg.layout).items()}
+    mx.eval(fields)
+    return ResidentFFN(layer, BundleFFN(model.ffn_spec, fields, down_bias, cfg.quantization), stats)
+
+
+@dataclass
+class Attached:
+    """A row's FFN providers and what to close after it."""
+
+    stats: FlashStats
+    plan: object = None
+    map_stats: Optional[MapStats] = None
+    mapped: Optional[MappedBundles] = None
+    reader: Optional[BundleReader] = None
+
+    def close(self):
+        if self.reader is not None:
+            self.reader.close()
+        if self.mapped is not None:
+            self.mapped.close()
+
+
+def attach_dense_timed(model, folder: Path, cfg: FlashConfig, down_bias) -> Attached:
+    """Every layer dense and resident (the upper bound), timed like the other rows."""
+    stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
+    for l, layer in enumerate(model.layers):
+        layer.mlp = resident_layer(model, cfg, l, read_layer(folder, cfg, l), down_bias[l], stats)
+    return Attached(stats)
+
+
+def attach_baseline(model, folder, cfg: FlashConfig, down_bias, kind: str, dram_budget=DEFAULT_SHARE,
+                    kv_tokens: int = 2048, threads: int = 32, direct: bool = True, verify: bool = False,
+                    evict: bool = True) -> Attached:
+    """Give every layer its baseline provider. The model's mlp slots must be empty (load_resident)."""
+    folder = Path(folder)
+    if kind not in KINDS:
+        raise FlashError(f"unknown baseline '{kind}' (choose from {', '.join(KINDS)})")
+    pl = plan_baseline(folder, cfg, resident_param_bytes(model, down_bias), kind, dram_budget, kv_tokens)
+    stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
+    out = Attached(stats, pl)
+    streamed = [l for l in range(cfg.n_layers) if l not in pl.dense_layers]
+    if kind == "mmap":
+        out.mapped = MappedBundles(folder / BUNDLES_FILE)
+        out.map_stats = MapStats()
+    else:
+        out.reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
+        buf = BundleBuffer(cfg.d_ff, cfg.layout) if streamed else None  # shared: layers run one by one
+    for l, layer in enumerate(model.layers):
+        if l in pl.dense_layers:
+            layer.mlp = resident_layer(model, cfg, l, read_layer(folder, cfg, l), down_bias[l], stats)
+        elif kind == "mmap":
+            layer.mlp = MmapFFN(l, model.ffn_spec, cfg, out.mapped, down_bias[l], stats, out.map_stats,
+                                evict=evict, last=l == streamed[-1])
+        else:
+            layer.mlp = HybridFFN(l, model.ffn_spec, cfg, out.reader, buf, down_bias[l], stats)
+    if out.mapped is not None and evict:
+        out.mapped.evict()  # reading the resident layers went through the page cache
+    return out
