@@ -113,7 +113,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
             min(cfg.d_ff, share * cfg.d_ff * window) for share in p["predicted_share"]]
         wanted = [min(cfg.d_ff, int(math.ceil(SLOT_MARGIN * b)) + 8) for b in base]
     # a token's own predicted set must fit, or the window degenerates into truncation
-    floor = [min(cfg.d_ff, int(math.ceil(share * cfg.d_ff * 1.5)) + 8) for share in p["predicted_share"]]
+    floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.5)) + 8) for w, share in zip(wanted, p["predicted_share"])]
     fixed = resident_bytes + predictor_bytes + kv + working
     if budget_bytes is not None:
         room = budget_bytes - fixed
@@ -126,8 +126,10 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
                 f"{need / 1e6:.1f} MB of neuron windows, need {(fixed + need) / 1e6:.1f} MB "
                 f"({(fixed + need) / total:.0%} of the model's {total / 1e6:.1f} MB)"
             )
-        scale = min(1.0, room / (sum(wanted) * stride))
-        wanted = [max(f, int(w * scale)) for w, f in zip(wanted, floor)]
+        # every layer gets its floor, then the same share of what it wants beyond it
+        extra = sum(w - f for w, f in zip(wanted, floor)) * stride
+        scale = min(1.0, (room - need) / extra) if extra else 1.0
+        wanted = [f + int((w - f) * scale) for w, f in zip(wanted, floor)]
     buffers = sum(wanted) * stride
     return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, buffers, wanted, window)
 
@@ -173,6 +175,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
                              down_bias[l], stats)
     if pl.budget is not None:
         mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
+    mx.reset_peak_memory()  # peak memory from here on is flash mode's own
     model.flash_stats = stats
     model.flash_plan = pl
     model.flash_reader = reader

@@ -170,3 +170,14 @@ def test_recall_levels_trade_reads_for_quality(trained_flash):
     assert low.flash_stats.predicted < high.flash_stats.predicted
     with pytest.raises(FlashError, match="calibrated for recall"):
         load(str(folder), mode="flash", recall=0.123)
+
+
+def test_peak_memory_stays_within_the_budget(trained_flash):
+    folder = trained_flash("llama_relu_untied")
+    probe, _ = load(str(folder), mode="flash")
+    p = probe.flash_plan
+    budget = p.total  # exactly what the calibrated plan needs
+    model, tok = load(str(folder), mode="flash", dram_budget=budget)
+    assert model.flash_plan.total <= budget
+    list(stream(model, tok, "a budget is a budget", max_tokens=16))
+    assert mx.get_peak_memory() <= budget
