@@ -91,3 +91,19 @@ def test_kv_cache_incremental_equals_full_forward(tiny_flash, name):
         steps.append(model(mx.array([[t]]), cache=cache)[0])
     inc = mx.concatenate(steps, axis=0).astype(mx.float32)
     np.testing.assert_allclose(np.array(inc), np.array(full), rtol=1e-4, atol=1e-4)
+
+
+def test_hub_id_downloads_with_huggingface_hub(tiny_model, monkeypatch):
+    """The Hub is unreachable here: check the code path with snapshot_download standing in."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(tiny_model("opt_pre_ln"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model, tok = load("facebook/opt-tiny")
+    assert calls and calls[0][0] == "facebook/opt-tiny" and "*.safetensors" in calls[0][1]
+    assert logits(model, [1, 2, 3]).shape == (3, 512)
