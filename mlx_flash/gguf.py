@@ -66,9 +66,15 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
     if arch != "llama":
         raise FlashError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama)")
 
+    required = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
+    missing = [k for k in required if f"llama.{k}" not in meta]
+    if missing:
+        raise FlashError(f"{path}: the GGUF metadata lacks llama.{missing[0]}")
     g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)
     n_heads, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise FlashError(f"{path}: the GGUF file has no tokenizer in its metadata")
     config = {
         "model_type": "llama",
         "hidden_size": int(g("embedding_length")),

@@ -121,3 +121,12 @@ def test_stdin_prompt_and_bad_flags(tiny_flash):
     rc, out, err = run("mlx_flash.generate", "--model", str(folder), "-p", "-", "--max-tokens", "3", stdin="hello")
     assert rc == 0 and "tokens/s" in err and "ms/token" in err and "read/token" in err
     assert_one_line_error(*generate(folder, "--max-tokens", "0")[::2], "max-tokens")
+
+
+def test_gguf_without_geometry_or_truncated(tmp_path):
+    path = tmp_path / "bare.gguf"
+    mx.save_gguf(str(path), {"token_embd.weight": mx.zeros((8, 4))}, {"general.architecture": "llama"})
+    assert_one_line_error(*generate(path)[::2], "lacks llama.")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:50])
+    assert_one_line_error(*generate(cut)[::2], "cannot read GGUF")
