@@ -271,6 +271,21 @@ class HybridFFN(_Timed):
 # MARK: - what stays resident, and attaching the providers
 
 
+def readahead_bytes(path: Path) -> int:
+    """The disk's readahead window (Linux): how far around a faulting page the kernel reads."""
+    try:
+        st = os.stat(path)
+        dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        for rel in ("queue", "../queue"):
+            try:
+                return int(Path(f"{dev}/{rel}/read_ahead_kb").read_text()) * 1024
+            except (OSError, ValueError):
+                pass
+    except OSError:
+        pass
+    return 128 * 1024  # the kernel's default
+
+
 def working_bytes(cfg: FlashConfig) -> int:
     """Logits of a token and a prompt chunk's activations (the same estimate as flash_model.plan)."""
     return 2 * cfg.model_config["vocab_size"] * 4 + 64 * cfg.d_ff * 4 * 4
@@ -286,7 +301,7 @@ class BaselinePlan:
     resident: int  # attention, embeddings, norms (resident.safetensors as loaded)
     layer_bytes: int  # one FFN layer in DRAM: d_ff x stride
     dense_layers: List[int]  # FFN layers held in DRAM
-    staging: int  # one layer's buffer (hybrid) or mapped pages + MLX copy (mmap)
+    staging: int  # one layer's buffer (hybrid); mmap: the MLX copy + the layer's pages and the readahead around them
     kv_cache: int
     working: int
 
@@ -309,13 +324,16 @@ def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str
     total = model_bytes(folder, cfg)
     budget = parse_budget(DEFAULT_SHARE if dram_budget is None else dram_budget, total)
     layer_bytes = cfg.d_ff * cfg.layout.stride
-    staging = (2 if kind == "mmap" else 1) * layer_bytes
+    staging = layer_bytes
+    if kind == "mmap":  # a fault reads the readahead window around it: that much more sits in the page cache
+        staging += min(cfg.file_size, layer_bytes + readahead_bytes(Path(folder) / BUNDLES_FILE))
     p = BaselinePlan(kind, budget, total, resident_bytes, layer_bytes, [], staging,
                      kv_bytes(cfg.model_config, kv_tokens), working_bytes(cfg))
     if p.total > budget:
         raise FlashError(
             f"a DRAM budget of {budget / 1e6:.1f} MB cannot hold the {kind} baseline: resident weights "
-            f"{resident_bytes / 1e6:.1f} MB + one streamed layer {staging / 1e6:.1f} MB + KV cache "
+            f"{resident_bytes / 1e6:.1f} MB + one streamed layer{' with its readahead' if kind == 'mmap' else ''} "
+            f"{staging / 1e6:.1f} MB + KV cache "
             f"{p.kv_cache / 1e6:.1f} MB + working {p.working / 1e6:.1f} MB = {p.total / 1e6:.1f} MB")
     k = min(cfg.n_layers, (budget - p.total) // layer_bytes)
     if k == cfg.n_layers:  # nothing streamed: no staging needed either
