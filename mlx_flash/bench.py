@@ -200,6 +200,8 @@ class Setup:
     recall: Optional[float] = None
     cgroup: Optional[Path] = None  # the child's own cgroup (limit set per budget)
     baseline: int = 0  # the child's cgroup usage before loading weights
+    slack: int = 0  # added to the cgroup limit: the run's thread stacks and Python objects
+    mlx_baseline: int = 0  # MLX memory held by others in this process before the model was loaded
 
     @property
     def kv_tokens(self) -> int:
@@ -207,7 +209,8 @@ class Setup:
         return round_up(self.prompt_tokens + self.gen_tokens + 1, KV_STEP)
 
 
-def load_setup(folder, prompt_tokens: int, gen_tokens: int, **opts) -> Setup:
+def load_setup(folder, prompt_tokens: int, gen_tokens: int, before_weights=None, **opts) -> Setup:
+    """Tokens first, then the resident weights; `before_weights()` runs in between (the cgroup baseline)."""
     from .utils import load_tokenizer
 
     folder = Path(folder)
@@ -218,9 +221,13 @@ def load_setup(folder, prompt_tokens: int, gen_tokens: int, **opts) -> Setup:
     if prompt_tokens < 1 or gen_tokens < 1:
         raise FlashError("--prompt-tokens and --gen-tokens must be at least 1")
     ids = held_out_ids(load_tokenizer(folder), prompt_tokens + gen_tokens)
-    model, down_bias = load_resident(folder, cfg)
     mx.set_cache_limit(0)  # freed buffers go back to the OS: memory figures are what is live
-    return Setup(folder, cfg, model, down_bias, ids, prompt_tokens, gen_tokens, **opts)
+    gc.collect()
+    if before_weights is not None:
+        before_weights()
+    mlx_baseline = mx.get_active_memory()
+    model, down_bias = load_resident(folder, cfg)
+    return Setup(folder, cfg, model, down_bias, ids, prompt_tokens, gen_tokens, mlx_baseline=mlx_baseline, **opts)
 
 
 def predictor_bytes(folder: Path, cfg: FlashConfig) -> int:
@@ -320,9 +327,10 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
     if s.cgroup is not None and row != "dense":
         clear(s)
         try:
-            cgroup_file(s, "memory.limit_in_bytes").write_text(str(budget + s.baseline))
+            cgroup_file(s, "memory.limit_in_bytes").write_text(str(budget + s.baseline + s.slack))
         except OSError as e:
-            raise FlashError(f"cannot set the cgroup's limit to {(budget + s.baseline) / 1e6:.1f} MB ({e.strerror}): "
+            raise FlashError(f"cannot set the cgroup's limit to {(budget + s.baseline + s.slack) / 1e6:.1f} MB "
+                             f"({e.strerror}): "
                              f"the process already holds more than budget + baseline")
     try:
         r = attach_row(s, row, budget, gap)
@@ -340,6 +348,9 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
         mx.eval(s.model(mx.array(ids[:P])[None], cache=cache))
         prefill_s = time.perf_counter() - t0
         disk0 = disk_read_bytes()
+        caches = r.caches or []
+        new0 = sum(c.stats.new_neurons - getattr(c, "filled", 0) for c in caches)
+        fill0 = sum(getattr(c, "filled", 0) for c in caches)
         times, argmax, nll = [], [], []
         for t in range(G):
             t0 = time.perf_counter()
@@ -351,7 +362,7 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
             nll.append(-float(lp[int(ids[P + t + 1])]))
         disk1 = disk_read_bytes()
         snap = r.stats.snapshot()
-        peak_mlx = mx.get_peak_memory()
+        peak_mlx = mx.get_peak_memory() - s.mlx_baseline
         peak_cached = r.map_stats.peak_cached_bytes if r.map_stats is not None else 0
         out = {
             "row": row, "fits": True, "plan": r.plan, "resident_bytes": r.resident_bytes,
@@ -369,8 +380,10 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
         if r.map_stats is not None:
             out["major_faults_per_token"] = r.map_stats.major_faults / G
             out["warm_bytes_per_token"] = r.map_stats.warm_bytes / G
-        if r.caches and isinstance(r.caches[0], CoalescingCache):
-            out["filled_bundles_per_token"] = sum(c.filled for c in r.caches) / max(snap["decode_tokens"], 1)
+        if caches:  # what the windows asked for during decode, and the gap fillers on top
+            out["new_bundles_per_token"] = (sum(c.stats.new_neurons - getattr(c, "filled", 0) for c in caches)
+                                            - new0) / G
+            out["filled_bundles_per_token"] = (sum(getattr(c, "filled", 0) for c in caches) - fill0) / G
         out["ms_other"] = out["ms_total"] - sum(snap[f"ms_{k}"] for k in PHASES if k != "other")
         return out
     finally:
@@ -422,7 +435,7 @@ def aggregate(runs: List[dict], dense_argmax: Optional[List[int]], dense_ppl: Op
     out["truncations"] = max(s["truncations"] for s in st)
     out["disk_bytes_per_token"] = med([r["disk_bytes_per_token"] for r in runs])
     out["prefill_s"] = med([r["prefill_s"] for r in runs])
-    for k in ("major_faults_per_token", "warm_bytes_per_token", "filled_bundles_per_token"):
+    for k in ("major_faults_per_token", "warm_bytes_per_token", "new_bundles_per_token", "filled_bundles_per_token"):
         if k in runs[0]:
             out[k] = med([r[k] for r in runs])
     for k in ("peak_bytes", "peak_mlx_bytes", "peak_page_cache_bytes", "peak_cgroup_bytes"):
@@ -608,7 +621,7 @@ def resolve_budgets(s: Setup, budget: str, sweep: Optional[str]) -> Dict[str, in
         return {f"{f:.2f}": int(f * total) for f in fr}
     if str(budget).strip().lower() == "min":
         b = min_flash_budget(s)
-        return {f"min ({b / total:.0%})": b}
+        return {"min": b}
     return {str(budget): parse_budget(budget, total)}
 
 
@@ -695,31 +708,40 @@ def make_cgroup() -> Path:
     return path
 
 
-def child_main(args):
-    """Inside the cgroup (joined by _CHILD before any import, which also measured the baseline)."""
+def child_main(args, rows: List[str]):
+    """Inside the cgroup (joined by _CHILD before any import): the baseline after the libraries and
+    the tokenizer, before any weight; then the rows, each under limit = budget + baseline."""
     cg = Path(args.cgroup_child)
-    if "MLX_FLASH_BASELINE" not in os.environ:
-        raise FlashError("--cgroup-child is internal to --cgroup")
-    s = load_setup(args.model, args.prompt_tokens, args.gen_tokens, threads=args.threads, verify=args.verify,
-                   evict=False, window=args.window, recall=args.recall)
-    s.cgroup, s.baseline = cg, int(os.environ["MLX_FLASH_BASELINE"])
+    base = {}
+
+    def measure():
+        import mlx_lm.models.cache  # noqa: F401  what the rows import lazily
+        import tqdm  # noqa: F401
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.threads) as pool:  # the threads' libc and Python machinery, once
+            list(pool.map(time.sleep, [0.001] * args.threads))
+        gc.collect()
+        base["cgroup"] = int((cg / "memory.usage_in_bytes").read_text())
+        base["rss"] = rss_bytes()
+
+    s = load_setup(args.model, args.prompt_tokens, args.gen_tokens, before_weights=measure, threads=args.threads,
+                   verify=args.verify, evict=False, window=args.window, recall=args.recall)
+    s.cgroup, s.baseline, s.slack = cg, base["cgroup"], args.cgroup_slack
     budgets = json.loads(args.child_budgets)
-    res = run_all(s, args.rows, budgets, args.repeats, args.coalesce_gap, args.gap_tokens,
+    res = run_all(s, rows, budgets, args.repeats, args.coalesce_gap, args.gap_tokens,
                   candidates=tuple(parse_ints(args.gap_candidates)), progress=False)
-    res["cgroup"] = {"path": str(cg), "baseline_bytes": s.baseline,
-                     "baseline_rss_bytes": int(os.environ["MLX_FLASH_BASELINE_RSS"])}
+    res["cgroup"] = {"path": str(cg), "baseline_bytes": base["cgroup"], "baseline_rss_bytes": base["rss"],
+                     "slack_bytes": args.cgroup_slack}
     Path(args.json).write_text(json.dumps(res))
 
 
-# the child's first statements: join the cgroup, import everything, measure the baseline, then run
+# the child joins the cgroup first, so that everything it allocates is charged there
 _CHILD = """
 import os, sys
-cg = sys.argv[1]
-open(os.path.join(cg, "cgroup.procs"), "w").write(str(os.getpid()))
-import mlx.core, mlx.nn, numpy, mlx_lm, tqdm, mlx_flash.bench as b  # interpreter and libraries
-os.environ["MLX_FLASH_BASELINE"] = open(os.path.join(cg, "memory.usage_in_bytes")).read().strip()
-os.environ["MLX_FLASH_BASELINE_RSS"] = str(b.rss_bytes())
-b.main(sys.argv[2:])
+open(os.path.join(sys.argv[1], "cgroup.procs"), "w").write(str(os.getpid()))
+import mlx_flash.bench
+mlx_flash.bench.main(sys.argv[2:])
 """
 
 
@@ -730,13 +752,14 @@ def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int]) -> dict:
             str(args.gen_tokens), "--repeats", str(args.repeats), "--rows", ",".join(rows), "--threads",
             str(args.threads), "--coalesce-gap", str(args.coalesce_gap), "--gap-tokens", str(args.gap_tokens),
             "--gap-candidates", args.gap_candidates, "--json", str(out), "--cgroup-child", str(cg),
-            "--child-budgets", json.dumps(budgets)]
+            "--child-budgets", json.dumps(budgets), "--cgroup-slack", str(args.cgroup_slack)]
     argv += ["--verify"] if args.verify else []
     argv += ["--window", str(args.window)] if args.window else []
     argv += ["--recall", str(args.recall)] if args.recall else []
     try:
         print(f"running {', '.join(rows)} in a child process inside memory cgroup {cg} ...", file=sys.stderr)
-        p = subprocess.run([sys.executable, "-c", _CHILD, str(cg), *argv])
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # no 64 MB malloc arena per read thread
+        p = subprocess.run([sys.executable, "-c", _CHILD, str(cg), *argv], env=env)
         if p.returncode != 0:
             oom = (cg / "memory.oom_control").read_text().replace("\n", ", ") if (cg / "memory.oom_control").exists() else ""
             raise FlashError(f"the benchmark's child process inside the memory cgroup failed (exit status "
@@ -751,6 +774,12 @@ def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int]) -> dict:
 
 
 # MARK: - command line
+
+
+def parse_size_arg(text: str) -> int:
+    from .probe import parse_size
+
+    return parse_size(text)
 
 
 def parse_ints(text: str) -> List[int]:
@@ -796,6 +825,8 @@ def setup_arg_parser():
     p.add_argument("--tokens", type=int, default=None, help="scale mode: tokens replayed per flash row")
     p.add_argument("--hybrid-tokens", type=int, default=None, help="scale mode: tokens of the hybrid row")
     p.add_argument("--compute", action="store_true", help="scale mode: also time the FFN compute")
+    p.add_argument("--cgroup-slack", type=parse_size_arg, default=8 << 20,
+                   help="--cgroup: added to the limit for the run's own thread stacks and Python objects (default 8M)")
     # internal: the cgroup child
     p.add_argument("--cgroup-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-budgets", default=None, help=argparse.SUPPRESS)
@@ -838,7 +869,7 @@ def main(argv=None):
     if args.coalesce_gap != "auto":
         args.coalesce_gap = parse_ints(args.coalesce_gap)[0]
     if args.cgroup_child:
-        return child_main(args)
+        return child_main(args, rows)
     if args.cgroup and not Path("/sys/fs/cgroup/memory").is_dir():
         cgroup_root()  # raises the clear message
 
@@ -886,9 +917,11 @@ def main(argv=None):
     ]
     if args.cgroup:
         c = res["cgroup"]
-        header.append(f"process baseline (the child's cgroup usage after importing mlx, mlx_lm, numpy and "
-                      f"mlx_flash, before any weight): {c['baseline_bytes'] / 1e6:.1f} MB (its RSS then: "
-                      f"{c['baseline_rss_bytes'] / 1e6:.1f} MB); cgroup limit = budget + baseline")
+        header.append(f"process baseline (the child's cgroup usage after importing its libraries, loading the "
+                      f"tokenizer and starting its read threads once, before any weight): "
+                      f"{c['baseline_bytes'] / 1e6:.1f} MB (its RSS then: {c['baseline_rss_bytes'] / 1e6:.1f} MB); "
+                      f"cgroup limit = budget + baseline + {c['slack_bytes'] / 1e6:.0f} MB of slack for the run's "
+                      f"thread stacks and Python objects")
     else:
         header.append(f"process RSS with the resident weights loaded: {baseline_rss / 1e6:.1f} MB; peak memory "
                       f"below = MLX's peak allocation + ffn.bundles pages cached (mincore), per row")

@@ -82,6 +82,7 @@ class MappedBundles:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.fd = os.open(self.path, os.O_RDONLY)
+        os.fsync(self.fd)  # dirty pages (a model just written) would survive fadvise(DONTNEED)
         self.size = os.fstat(self.fd).st_size
         self.mm = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
         self.np = np.frombuffer(self.mm, dtype=np.uint8)  # (size,) zero-copy view of the mapping
@@ -304,17 +305,29 @@ class BaselinePlan:
     staging: int  # one layer's buffer (hybrid); mmap: the MLX copy + the layer's pages and the readahead around them
     kv_cache: int
     working: int
+    n_layers: int
+
+    @property
+    def streamed(self) -> int:
+        return self.n_layers - len(self.dense_layers)
+
+    @property
+    def fixed(self) -> int:
+        """Everything but the resident FFN layers, when at least one layer is streamed."""
+        return self.resident + self.staging + self.kv_cache + self.working
 
     @property
     def total(self) -> int:
-        return self.resident + len(self.dense_layers) * self.layer_bytes + self.staging + self.kv_cache + self.working
+        staging = self.staging if self.streamed else 0  # nothing streamed: no staging needed either
+        return self.fixed - self.staging + staging + len(self.dense_layers) * self.layer_bytes
 
     @property
     def weights_in_memory(self) -> int:
         return self.resident + len(self.dense_layers) * self.layer_bytes
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "weights_in_memory": self.weights_in_memory}
+        return {**asdict(self), "total": self.total, "weights_in_memory": self.weights_in_memory,
+                "streamed": self.streamed}
 
 
 def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str, dram_budget=DEFAULT_SHARE,
@@ -328,16 +341,16 @@ def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str
     if kind == "mmap":  # a fault reads the readahead window around it: that much more sits in the page cache
         staging += min(cfg.file_size, layer_bytes + readahead_bytes(Path(folder) / BUNDLES_FILE))
     p = BaselinePlan(kind, budget, total, resident_bytes, layer_bytes, [], staging,
-                     kv_bytes(cfg.model_config, kv_tokens), working_bytes(cfg))
+                     kv_bytes(cfg.model_config, kv_tokens), working_bytes(cfg), cfg.n_layers)
     if p.total > budget:
         raise FlashError(
             f"a DRAM budget of {budget / 1e6:.1f} MB cannot hold the {kind} baseline: resident weights "
             f"{resident_bytes / 1e6:.1f} MB + one streamed layer{' with its readahead' if kind == 'mmap' else ''} "
             f"{staging / 1e6:.1f} MB + KV cache "
             f"{p.kv_cache / 1e6:.1f} MB + working {p.working / 1e6:.1f} MB = {p.total / 1e6:.1f} MB")
-    k = min(cfg.n_layers, (budget - p.total) // layer_bytes)
-    if k == cfg.n_layers:  # nothing streamed: no staging needed either
-        p.staging = 0
+    k = min(cfg.n_layers, (budget - p.fixed) // layer_bytes)
+    if k == cfg.n_layers - 1 and p.total + layer_bytes - p.staging <= budget:
+        k = cfg.n_layers  # the last layer fits in place of the staging
     p.dense_layers = list(range(k))
     return p
 

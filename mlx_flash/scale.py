@@ -116,8 +116,10 @@ def existing(folder: Path, g: Geometry, layers: int) -> Optional[FlashConfig]:
     """The synthetic model already written there, if it has this geometry and enough layers."""
     try:
         cfg = FlashConfig.load(folder)
-        cfg.check_files(folder)
     except FlashError:
+        return None
+    bundles = folder / BUNDLES_FILE  # no resident.safetensors: attention is not written
+    if not bundles.is_file() or bundles.stat().st_size != cfg.file_size:
         return None
     src = cfg.source or {}
     if src.get("synthetic") == g.name and cfg.n_layers >= layers and cfg.d_ff == g.d_ff and cfg.d_model == g.d_model:

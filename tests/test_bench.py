@@ -1,0 +1,247 @@
+"""The benchmark, the probes and scale mode on tiny settings: structure and invariants, not speed."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flash_fixtures import direct_root  # noqa: F401  (fixture)
+from mlx_flash import bench, probe, scale
+from mlx_flash.bundle_reader import BundleBuffer, BundleReader
+from mlx_flash.errors import FlashError
+from mlx_flash.flash_format import BUNDLES_FILE, FlashConfig
+from mlx_flash.naive_mmap import MappedBundles, plan_baseline, resident_param_bytes
+from mlx_flash.neuron_cache import NeuronCache
+
+FLASH = ("predictor", "windowing", "all")
+
+
+@pytest.fixture(scope="module")
+def quick(trained_flash, tmp_path_factory):
+    """One --quick run of every row at the smallest budget flash fits (the tiny model's overheads
+    are larger than its weights, so 0.5 would hold nothing)."""
+    folder = trained_flash("opt_pre_ln")
+    out = tmp_path_factory.mktemp("bench")
+    res = bench.main(["--model", str(folder), "--quick", "--dram-budget", "min", "--json", str(out / "b.json"),
+                      "--plots", str(out / "plots"), "--quiet"])
+    return folder, out, res
+
+
+def test_outputs_written(quick, capsys):
+    folder, out, res = quick
+    saved = json.loads((out / "b.json").read_text())
+    assert set(saved["summary"]) == {bench.key("dense", "-")} | {bench.key(r, "min") for r in bench.ROWS[1:]}
+    png = out / "plots" / "latency_breakdown.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["prompt_tokens"] == 8 and saved["gen_tokens"] == 4 and saved["repeats"] == 1
+
+
+def test_table_printed(trained_flash, tmp_path, capsys):
+    bench.main(["--model", str(trained_flash("opt_pre_ln")), "--quick", "--dram-budget", "min", "--rows",
+                "dense,windowing", "--no-probe", "--quiet"])
+    text = capsys.readouterr().out
+    assert "| row | resident GB | MB read/token" in text and "| dense |" in text and "| + windowing |" in text
+    assert "DRAM budget min" in text
+
+
+def test_rows_read_what_they_should(quick):
+    folder, _, res = quick
+    cfg = FlashConfig.load(folder)
+    stride, layer = cfg.layout.stride, cfg.d_ff * cfg.layout.stride
+    s = res["summary"]
+    dense = s[bench.key("dense", "-")]
+    assert dense["fits"] and dense["bytes_read_per_token"] == 0
+    hyb = s[bench.key("hybrid", "min")]
+    assert hyb["fits"]
+    streamed = cfg.n_layers - len(hyb["plan"]["dense_layers"])
+    assert streamed > 0 and hyb["bytes_read_per_token"] == streamed * layer
+    if hyb["disk_bytes_per_token"] is not None:  # direct reads: every byte came from the disk
+        assert hyb["disk_bytes_per_token"] >= hyb["bytes_read_per_token"]
+    reads = {}
+    for row in FLASH:
+        a = s[bench.key(row, "min")]
+        assert a["fits"], a.get("reason")
+        assert a["bytes_read_per_token"] == a["bundles_per_token"] * stride
+        # no more than the neurons new to the window, plus the stated overhead (gap fillers)
+        assert a["bundles_per_token"] <= a["new_bundles_per_token"] + a["filled_bundles_per_token"] + 1e-9
+        if row != "all":
+            assert a["filled_bundles_per_token"] == 0
+        reads[row] = a["bytes_read_per_token"]
+    # without a window every predicted neuron is read every token
+    pred = s[bench.key("predictor", "min")]
+    assert pred["ffn_share_read"] == pytest.approx(pred["ffn_share_predicted"])
+    assert reads["windowing"] <= reads["predictor"]
+
+
+def test_peak_memory_within_budget_and_quality_present(quick):
+    _, _, res = quick
+    budget = res["budgets"]["min"]
+    for k, a in res["summary"].items():
+        if not a["fits"]:
+            assert a["reason"]
+            continue
+        for f in ("agreement", "perplexity", "perplexity_vs_dense", "ms_total", "tokens_per_s", "peak_bytes"):
+            assert a[f] is not None, (k, f)
+        assert sum(a[f"ms_{p}"] for p in bench.PHASES) == pytest.approx(a["ms_total"], rel=1e-6)
+        if a["row"] != "dense":
+            assert a["within_budget"] and a["peak_bytes"] <= budget, (k, a["peak_bytes"], budget)
+    assert res["summary"][bench.key("dense", "-")]["agreement"] == 1.0
+
+
+def test_naive_reads_the_non_resident_layers_cold(trained_flash, tmp_path):
+    folder = trained_flash("opt_pre_ln")
+    s = bench.load_setup(folder, 8, 4)
+    cfg = s.cfg
+    big = plan_baseline(folder, cfg, resident_param_bytes(s.model, s.down_bias), "mmap", "1G", s.kv_tokens)
+    budget = big.fixed + big.layer_bytes // 2  # room for no whole layer: every layer streamed
+    del s
+    res = bench.main(["--model", str(folder), "--quick", "--rows", "naive", "--dram-budget", str(budget),
+                      "--no-probe", "--quiet", "--json", str(tmp_path / "n.json")])
+    a = res["summary"][bench.key("naive", str(budget))]
+    assert a["fits"] and a["plan"]["dense_layers"] == []
+    assert a["bytes_read_per_token"] == cfg.n_layers * cfg.d_ff * cfg.layout.stride
+    if a["disk_bytes_per_token"] is not None:  # the pages were cold: they came from the disk again
+        assert a["disk_bytes_per_token"] >= 0.9 * a["bytes_read_per_token"]
+    assert a["within_budget"]
+
+
+def test_mapped_bundles_evict(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    m = MappedBundles(path)
+    int(m.np[::4096].max())  # fault everything in
+    assert m.resident_bytes() == 1 << 20
+    m.evict()
+    assert m.resident_bytes() == 0
+    m.close()
+
+
+def test_fill_gaps_and_caches():
+    new = np.array([1, 3, 10, 13])
+    cached = np.zeros(20, dtype=bool)
+    assert bench.fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 11, 12, 13]
+    cached[11] = True  # a cached neuron is never read twice
+    assert bench.fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 13]
+    assert bench.fill_gaps(new, 2, np.zeros(20, bool), 1).tolist() == [1, 2, 3, 10, 13]  # one spare row
+    c = bench.NoReuseCache(20, 10, 1)
+    for _ in range(2):
+        ids, start = c.step(np.array([2, 5, 7]))
+        c.commit()
+        assert ids.tolist() == [2, 5, 7] and start == 0
+    w = bench.CoalescingCache(20, 10, 2, None, gap=2)
+    ids, _ = w.step(np.array([1, 3]))
+    w.commit()
+    assert ids.tolist() == [1, 2, 3] and w.filled == 1
+    ids, _ = w.step(np.array([2, 3]))  # the filler stays because it is now predicted: nothing read
+    w.commit()
+    assert ids.tolist() == [] and sorted(w.resident.tolist()) == [1, 2, 3]
+
+
+def test_cgroup_failure_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "cgroup_root", lambda: tmp_path / "missing" / "deeper")
+    with pytest.raises(FlashError, match="cannot create the memory cgroup"):
+        bench.make_cgroup()
+
+
+def cgroup_usable() -> bool:
+    try:
+        cg = bench.make_cgroup()
+    except FlashError:
+        return False
+    cg.rmdir()
+    return True
+
+
+def test_cgroup_child_runs_rows(trained_flash, tmp_path):
+    if not cgroup_usable():
+        pytest.skip("no writable cgroup v1 memory controller here")
+    res = bench.main(["--model", str(trained_flash("opt_pre_ln")), "--quick", "--cgroup", "--rows", "hybrid",
+                      "--dram-budget", "min", "--no-probe", "--quiet", "--json", str(tmp_path / "c.json")])
+    c = res["cgroup"]
+    assert c["baseline_bytes"] > 0 and c["baseline_rss_bytes"] > 0
+    a = res["summary"][bench.key("hybrid", "min")]
+    assert a["fits"] and a["bytes_read_per_token"] > 0 and "peak_cgroup_bytes" in a
+
+
+def test_probe_disk_small(direct_root):  # noqa: F811
+    path = direct_root / "probe.bin"
+    path.write_bytes(os.urandom(2 << 20))
+    r = probe.probe_disk(path, [4096, 65536], [1, 4], nbytes=256 << 10)
+    assert len(r["points"]) == 4 and all(p["gb_per_s"] > 0 and p["bytes"] >= 256 << 10 for p in r["points"])
+    assert probe.probe_at(r, 16384, 4) is not None and probe.probe_at(r, 4096, 2) is None
+    probe.plot_disk(r, direct_root / "d.png")
+    assert (direct_root / "d.png").stat().st_size > 0
+    with pytest.raises(FlashError, match="multiple of the disk"):
+        probe.probe_disk(path, [1000], [1])
+    assert probe.parse_range("4K:16K", size=True) == [4096, 8192, 16384]
+    assert probe.parse_range("1,2,8") == [1, 2, 8] and probe.parse_size("1.5M") == 3 << 19
+
+
+def test_probe_cli_and_windowing_curve(trained_flash, tmp_path, capsys):
+    folder = trained_flash("opt_pre_ln")
+    probe.main(["disk", "--model", str(folder), "--chunks", "4K,16K", "--threads", "1,2", "--bytes", "128K",
+                "--scratch", str(tmp_path / "scratch"), "--scratch-size", "1M", "--json", str(tmp_path / "d.json"),
+                "--quiet"])
+    assert len(json.loads((tmp_path / "d.json").read_text())["points"]) == 4
+    probe.main(["window", "--model", str(folder), "--windows", "1:4", "--tokens", "256", "--seq-len", "64",
+                "--json", str(tmp_path / "w.json"), "--plots", str(tmp_path), "--quiet"])
+    w = json.loads((tmp_path / "w.json").read_text())
+    new = [p["new_share"] for p in w["points"]]
+    held = [p["held_share"] for p in w["points"]]
+    assert [p["window"] for p in w["points"]] == [1, 2, 3, 4]
+    assert all(a >= b - 1e-12 for a, b in zip(new, new[1:])) and all(a <= b + 1e-12 for a, b in zip(held, held[1:]))
+    assert new[0] <= w["predicted_share"] <= held[0] + 1e-12
+    assert (tmp_path / "windowing.png").is_file()
+    assert "| window | new per token | held |" in capsys.readouterr().out
+
+
+def test_window_curve_simple_sets():
+    same = [np.tile(np.arange(16) < 4, (20, 1))]  # the same 4 of 16 neurons every token
+    c = probe.window_curve(same, 10, [1, 3])
+    assert all(p["new_share"] == 0 and p["held_share"] == 0.25 for p in c["points"])
+
+
+def test_activation_process_hits_its_targets():
+    proc = scale.ActivationProcess(4096, 4, seed=0)
+    e = proc.expected
+    assert e["new_share"] == pytest.approx(0.024, rel=1e-3) and 0 < e["rho"] < 1
+    m = scale.measure_process(proc, tokens=150, warmup=10)
+    assert m["predicted_share"] == pytest.approx(0.10, abs=0.01)
+    assert m["new_share"] == pytest.approx(0.024, abs=0.004)
+    assert m["held_share"] == pytest.approx(e["held_share"], abs=0.02)
+    with pytest.raises(FlashError):
+        scale.ActivationProcess(64, 1, predicted_share=0.1, new_share=0.2)
+
+
+def test_synthetic_file_written_once_and_readable(direct_root, monkeypatch):  # noqa: F811
+    g = scale.GEOMETRIES["tiny"]
+    folder = direct_root / "syn"
+    cfg = scale.write_synthetic(folder, g, 2, progress=False)
+    assert cfg.source["synthetic"] == "tiny" and (folder / BUNDLES_FILE).stat().st_size == cfg.file_size
+    assert cfg.layout.stride == g.layout.stride
+    buf = BundleBuffer(cfg.d_ff, cfg.layout)
+    with BundleReader(folder, cfg, threads=2, verify=True) as r:  # every CRC checks out
+        r.read_layer_all(1, buf)
+    assert np.isfinite(np.array(buf.field("up"), dtype=np.float32)).all()
+    mtime = (folder / BUNDLES_FILE).stat().st_mtime_ns
+    scale.write_synthetic(folder, g, 1, progress=False)  # reused
+    assert (folder / BUNDLES_FILE).stat().st_mtime_ns == mtime
+    usage = shutil.disk_usage(direct_root)
+    monkeypatch.setattr(scale.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(FlashError, match="free"):
+        scale.write_synthetic(direct_root / "syn2", scale.GEOMETRIES["opt-6.7b"], 32, progress=False)
+    assert scale.hybrid_layers(scale.GEOMETRIES["opt-6.7b"]) == 25
+
+
+def test_scale_quick_command(direct_root, capsys):  # noqa: F811
+    res = bench.main(["--scale", "tiny", "--scale-dir", str(direct_root / "syn-cli"), "--quick", "--quiet",
+                      "--json", str(direct_root / "s.json"), "--plots", str(direct_root / "splots")])
+    assert res["synthetic"] and set(res["rows"]) == set(scale.SYNTHETIC_ROWS)
+    for r in res["rows"].values():
+        assert r["bytes_read_per_token"] > 0 and r["ms_io"] > 0
+    assert res["rows"]["windowing"]["bytes_read_per_token"] < res["rows"]["predictor"]["bytes_read_per_token"]
+    assert (direct_root / "splots" / "scale_breakdown.png").is_file()
+    assert "SYNTHETIC" in capsys.readouterr().out
