@@ -65,14 +65,18 @@ def perplexity(logprobs: np.ndarray, ids: np.ndarray) -> float:
     return float(math.exp(nll.mean()))
 
 
-def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both", progress=True, **flash_options):
-    """Returns {"dense": {...}, "flash": {...}} with perplexity, agreement and flash statistics."""
+def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both", progress=True,
+             configs=None, **flash_options):
+    """Returns {"dense": {...}, "flash": [{...}, ...]}: perplexity, agreement and flash statistics.
+
+    configs: flash option dicts to evaluate one after another (default: one, `flash_options`).
+    """
     folder = resolve(str(folder))
     if not is_flash_folder(folder):
         raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
     tokenizer = load_tokenizer(folder)
     ids = text_tokens(tokenizer, text or HELDOUT_TEXT, tokens)
-    result = {"tokens": tokens, "text": str(text or "mlx_flash/data/heldout.txt")}
+    result = {"tokens": tokens, "text": str(text or "mlx_flash/data/heldout.txt"), "flash": []}
     dense_lp = None
     if mode in ("dense", "both"):
         model, _ = load_flash(folder, "dense")
@@ -81,18 +85,39 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
         result["dense"] = {"perplexity": perplexity(dense_lp, ids), "seconds": time.perf_counter() - t0}
         del model
     if mode in ("flash", "both"):
-        model, cfg = load_flash(folder, "flash", **flash_options)
-        t0 = time.perf_counter()
-        lp = stepwise_logprobs(model, ids, progress)
-        r = {"perplexity": perplexity(lp, ids), "seconds": time.perf_counter() - t0,
-             "stats": model.flash_stats.snapshot(), "plan": model.flash_plan.to_dict(),
-             "sparsity_target": cfg.predictors.get("sparsity_target")}
-        if dense_lp is not None:
-            r["agreement"] = float((lp.argmax(-1) == dense_lp.argmax(-1)).mean())
-            r["perplexity_vs_dense"] = r["perplexity"] / result["dense"]["perplexity"] - 1
-        result["flash"] = r
-        model.flash_reader.close()
+        for opts in configs or [flash_options]:
+            model, cfg = load_flash(folder, "flash", **opts)
+            t0 = time.perf_counter()
+            lp = stepwise_logprobs(model, ids, progress)
+            level = opts.get("recall") or cfg.predictors["target_recall"]
+            r = {"options": opts, "recall": level, "window": model.flash_plan.window,
+                 "sparsity_target": cfg.predictors.get("sparsity_target"),
+                 "perplexity": perplexity(lp, ids), "seconds": time.perf_counter() - t0,
+                 "stats": model.flash_stats.snapshot(), "plan": model.flash_plan.to_dict()}
+            if dense_lp is not None:
+                r["agreement"] = float((lp.argmax(-1) == dense_lp.argmax(-1)).mean())
+                r["perplexity_vs_dense"] = r["perplexity"] / result["dense"]["perplexity"] - 1
+            result["flash"].append(r)
+            model.flash_reader.close()
+            del model
     return result
+
+
+def markdown(r: dict) -> str:
+    """The README's quality table."""
+    rows = ["| mode | sparsity | recall | window | FFN predicted | FFN held | FFN read | MB read/token | "
+            "perplexity | vs dense | greedy agreement |", "|" + " --- |" * 11]
+    if "dense" in r:
+        rows.append(f"| dense | - | - | - | 100% | 100% | 0% | 0 | {r['dense']['perplexity']:.3f} | - | - |")
+    for f in r["flash"]:
+        s = f["stats"]
+        sp = f"{f['sparsity_target']:.0%}" if f["sparsity_target"] else "ReLU"
+        vs = f"{f['perplexity_vs_dense']:+.1%}" if "perplexity_vs_dense" in f else "-"
+        ag = f"{f['agreement']:.1%}" if "agreement" in f else "-"
+        rows.append(f"| flash | {sp} | {f['recall']} | {f['window']} | {s['ffn_share_predicted']:.1%} | "
+                    f"{s['ffn_share_resident']:.1%} | {s['ffn_share_read']:.1%} | "
+                    f"{s['bytes_read_per_token'] / 1e6:.2f} | {f['perplexity']:.3f} | {vs} | {ag} |")
+    return "\n".join(rows)
 
 
 def setup_arg_parser():
@@ -103,7 +128,8 @@ def setup_arg_parser():
     p.add_argument("--mode", choices=["dense", "flash", "both"], default="both")
     p.add_argument("--dram-budget", default=None)
     p.add_argument("--window", type=int, default=None)
-    p.add_argument("--recall", type=float, default=None, help="predictor recall level (default: calibrated)")
+    p.add_argument("--recall", type=float, nargs="*", default=None,
+                   help="predictor recall levels to evaluate, one flash run each (default: the calibrated one)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
 
@@ -113,20 +139,11 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.tokens < 2:
         raise FlashError("--tokens must be at least 2")
-    opts = {"dram_budget": args.dram_budget, "window": args.window, "recall": args.recall}
-    opts = {k: v for k, v in opts.items() if v is not None}
-    r = evaluate(args.model, args.text, args.tokens, args.mode, **opts)
-    print(f"held-out text: {r['text']}, {r['tokens']} tokens")
-    if "dense" in r:
-        print(f"dense  perplexity {r['dense']['perplexity']:.3f}")
-    if "flash" in r:
-        f, s = r["flash"], r["flash"]["stats"]
-        line = f"flash  perplexity {f['perplexity']:.3f}"
-        if "agreement" in f:
-            line += f" ({f['perplexity_vs_dense']:+.1%} vs dense), greedy agreement {f['agreement']:.1%}"
-        print(line)
-        print(f"       FFN predicted {s['ffn_share_predicted']:.1%}, held {s['ffn_share_resident']:.1%}, "
-              f"read {s['ffn_share_read']:.1%} per token ({s['bytes_read_per_token'] / 1e6:.2f} MB)")
+    base = {k: v for k, v in {"dram_budget": args.dram_budget, "window": args.window}.items() if v is not None}
+    configs = [dict(base, recall=r) for r in args.recall] if args.recall else [base]
+    r = evaluate(args.model, args.text, args.tokens, args.mode, configs=configs)
+    print(f"held-out text: {r['text']}, {r['tokens']} tokens, one token per forward pass in flash mode")
+    print(markdown(r))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(r, fh, indent=1)

@@ -24,7 +24,7 @@ from .neuron_cache import NeuronCache
 from .predictor import load_predictors
 
 DEFAULT_THREADS = 32  # the paper's
-DEFAULT_KV_TOKENS = 2048  # context the budget reserves KV cache for
+DEFAULT_KV_TOKENS = 512  # context the budget reserves KV cache for (prompt + generated tokens)
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
@@ -70,11 +70,12 @@ class Plan:
         return {**asdict(self), "total": self.total}
 
 
-def kv_bytes(model_config: dict, tokens: int) -> int:
-    c = model_config
+def kv_bytes(cfg: FlashConfig, tokens: int) -> int:
+    c = cfg.model_config
     heads = c.get("num_key_value_heads") or c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * 4  # float32 on the CPU backend
+    item = 4 if cfg.dtype == "float32" else 2  # keys and values take the activations' dtype
+    return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * item
 
 
 def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
@@ -102,7 +103,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     # working memory: logits of a token and a prompt chunk's activations
     vocab = cfg.model_config["vocab_size"]
     working = 2 * vocab * 4 + 64 * cfg.d_ff * 4 * 4
-    kv = kv_bytes(cfg.model_config, kv_tokens)
+    kv = kv_bytes(cfg, kv_tokens)
     stride = cfg.layout.stride
 
     if slots is not None:

@@ -341,7 +341,7 @@ def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str
     if kind == "mmap":  # a fault reads the readahead window around it: that much more sits in the page cache
         staging += min(cfg.file_size, layer_bytes + readahead_bytes(Path(folder) / BUNDLES_FILE))
     p = BaselinePlan(kind, budget, total, resident_bytes, layer_bytes, [], staging,
-                     kv_bytes(cfg.model_config, kv_tokens), working_bytes(cfg), cfg.n_layers)
+                     kv_bytes(cfg, kv_tokens), working_bytes(cfg), cfg.n_layers)
     if p.total > budget:
         raise FlashError(
             f"a DRAM budget of {budget / 1e6:.1f} MB cannot hold the {kind} baseline: resident weights "
