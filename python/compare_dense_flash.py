@@ -26,7 +26,7 @@ def prepare_builtin(folder: str):
     if not is_flash_folder(folder):
         convert(DEFAULT_MODEL, folder)
     if FlashConfig.load(folder).predictors is None:
-        train(folder, tokens=2048)
+        train(folder, tokens=1024)  # as `make demo` does
 
 
 def run(folder: str, mode: str, prompt: str, max_tokens: int, **options) -> dict:

@@ -25,7 +25,7 @@ def prepare_builtin(folder: str):
     if not is_flash_folder(folder):
         convert(DEFAULT_MODEL, folder)
     if FlashConfig.load(folder).predictors is None:
-        train(folder, tokens=2048)
+        train(folder, tokens=1024)  # as `make demo` does
 
 
 @cli
@@ -56,7 +56,7 @@ def main():
     for name, key in [("attention+rest", "ms_attention"), ("predict", "ms_predict"),
                       ("memory", "ms_memory"), ("io", "ms_io"), ("ffn", "ms_ffn")]:
         print(f"  {name:<15}{s[key]:8.2f} ms")
-    print(f"  {'MB read':<15}{s['bytes_read_per_token'] / 1e6:8.3f} MB/token at {s['read_gb_per_s']:.2f} GB/s")
+    print(f"  {'MB read':<15}{s['bytes_read_per_token'] / 1e6:8.3f} MB/token at {s['read_gb_per_s']:.3f} GB/s")
     print(f"  FFN neurons: predicted {s['ffn_share_predicted']:.1%}, held {s['ffn_share_resident']:.1%}, "
           f"read {s['ffn_share_read']:.1%}")
 

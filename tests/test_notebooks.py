@@ -37,10 +37,12 @@ def kernel_dirs(tmp_path_factory):
 def execute(name, kernel_dirs):
     """Run a notebook; returns it with its outputs (raises CellExecutionError on the first error)."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable, end='')"))
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs))
     client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, kernel_name=KERNEL,
                                      resources={"metadata": {"path": str(NOTEBOOKS.parent)}})
     client.execute()
+    assert nb.cells[-1].outputs[0]["text"] == sys.executable, "the kernel runs another Python"
     return nb
 
 
@@ -66,3 +68,15 @@ def test_quickstart(trained_flash, kernel_dirs, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs(nb, "stream"))
     assert "ms/token" in text and "I/O" in text and "MB/token" in text
     assert outputs(nb, "image/png"), "no figure drawn"
+
+
+def test_paper_figures(trained_flash, kernel_dirs, monkeypatch):
+    pytest.importorskip("mlx_flash.bench")
+    for k, v in {"MODEL": str(trained_flash("opt_pre_ln")), "BUDGET": "2M", "TOKENS": "2", "CHUNKS": "4K:16K",
+                 "PROBE_BYTES": "64K", "WINDOW_TOKENS": "128"}.items():
+        monkeypatch.setenv(f"MLX_FLASH_NB_{k}", v)
+    nb = execute("paper_figures.ipynb", kernel_dirs)
+    assert not outputs(nb, "error")
+    tables = [o["data"]["text/markdown"] for o in outputs(nb, "text/markdown")]
+    assert any("all (+ coalescing)" in t for t in tables), "no benchmark table"
+    assert len(outputs(nb, "image/png")) == 3, "expected figures 1, 2b and 4"
