@@ -148,7 +148,10 @@ class FlashFFN(nn.Module):
             self.cache.commit()
             t5 = time.perf_counter()
             n = self.cache.n
-            y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
+            if n:
+                y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
+            else:  # nothing predicted: MLX's quantized kernels cannot take zero rows
+                y = mx.zeros_like(xs[a:b]) + (self.down_bias if self.down_bias is not None else 0)
             mx.eval(y)  # before the next step moves or refills these rows
             t6 = time.perf_counter()
             outs.append(y)

@@ -185,3 +185,11 @@ def test_peak_memory_stays_within_the_budget(trained_flash):
     assert model.flash_plan.total <= budget
     list(stream(model, tok, "a budget is a budget", max_tokens=16))
     assert mx.get_peak_memory() <= budget
+
+
+def test_no_neuron_predicted_gives_the_ffn_bias_only(trained_flash):
+    folder = trained_flash("opt_pre_ln")
+    never = [lambda x: mx.full((x.shape[0], 256), -1.0) for _ in range(2)]
+    model, _ = load(str(folder), mode="flash", predictor=never)
+    _, toks = decode(model, PROMPT, 3)
+    assert len(toks) == 3 and model.flash_stats.bundles == 0
