@@ -56,7 +56,7 @@ from .errors import FlashError, cli
 from .flash_format import FlashConfig, round_up
 from .flash_model import DEFAULT_THREADS, attach_flash, model_bytes, parse_budget, plan
 from .load import is_flash_folder, load_resident
-from .naive_mmap import attach_baseline, attach_dense_timed, resident_param_bytes
+from .naive_mmap import DEFAULT_SHARE, attach_baseline, attach_dense_timed, resident_param_bytes
 from .neuron_cache import NeuronCache
 
 ROWS = ("dense", "naive", "hybrid", "predictor", "windowing", "all")
@@ -87,7 +87,7 @@ GAP_CANDIDATES = (0, 1, 2, 4, 8, 16)
 PROBE_BYTES = 64 << 20
 KV_STEP = 256  # mlx_lm.models.cache.KVCache grows by this many tokens
 PHASES = ("io", "memory", "predict", "attention", "ffn", "other")
-PHASE_LABELS = {"io": "flash I/O", "memory": "memory management", "predict": "prediction",
+PHASE_LABELS = {"io": "I/O (reads, page faults)", "memory": "memory management", "predict": "prediction",
                 "attention": "attention & rest of layer", "ffn": "FFN compute", "other": "LM head, sampling, Python"}
 
 
@@ -293,7 +293,7 @@ def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
         return Row(a.stats, {"budget": None}, res, a.close)
     if row in ("naive", "hybrid"):
         a = attach_baseline(s.model, s.folder, cfg, s.down_bias, "mmap" if row == "naive" else "hybrid",
-                            dram_budget=budget, kv_tokens=s.kv_tokens, threads=s.threads, verify=s.verify,
+                            weights_budget=budget, kv_tokens=s.kv_tokens, threads=s.threads, verify=s.verify,
                             evict=s.evict)
         return Row(a.stats, a.plan.to_dict(), a.plan.weights_in_memory, a.close, a.map_stats)
     if cfg.predictors is None:
@@ -324,19 +324,23 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
 
     P = prompt_tokens or s.prompt_tokens
     G = gen_tokens or s.gen_tokens
-    if s.cgroup is not None and row != "dense":
-        clear(s)
-        try:
-            cgroup_file(s, "memory.limit_in_bytes").write_text(str(budget + s.baseline + s.slack))
-        except OSError as e:
-            raise FlashError(f"cannot set the cgroup's limit to {(budget + s.baseline + s.slack) / 1e6:.1f} MB "
-                             f"({e.strerror}): "
-                             f"the process already holds more than budget + baseline")
+    if s.cgroup is not None:
+        cgroup_file(s, "memory.limit_in_bytes").write_text("-1")  # the previous row's limit goes
     try:
         r = attach_row(s, row, budget, gap)
     except FlashError as e:
         clear(s)
         return {"row": row, "fits": False, "reason": str(e)}
+    if s.cgroup is not None and row != "dense":
+        # flash rows: their budget; baselines: what they were planned to hold (weights + one layer + KV + working)
+        limit = (r.plan["total"] if row in ("naive", "hybrid") else budget) + s.baseline + s.slack
+        try:
+            cgroup_file(s, "memory.limit_in_bytes").write_text(str(limit))
+        except OSError as e:
+            r.close()
+            clear(s)
+            raise FlashError(f"cannot set the cgroup's limit to {limit / 1e6:.1f} MB ({e.strerror}): the process "
+                             f"already holds more than that")
     ids = s.ids
     try:
         gc.collect()
@@ -457,7 +461,8 @@ def key(row: str, budget_label: str) -> str:
     return f"{row}@{budget_label}"
 
 
-def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: List[str]) -> Dict[str, dict]:
+def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: List[str],
+              base_budgets: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
     dense = next((r for r in all_runs.get(key("dense", "-"), []) if r["fits"]), None)
     dense_argmax = dense["argmax"] if dense else None
     dense_ppl = aggregate(all_runs[key("dense", "-")], None, None)["perplexity"] if dense else None
@@ -467,10 +472,14 @@ def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: Li
             k = key(row, "-" if row == "dense" else label)
             if k in all_runs and k not in out:
                 a = aggregate(all_runs[k], dense_argmax, dense_ppl)
-                a.update(row=row, label=LABELS[row], budget=None if row == "dense" else b,
+                base = (base_budgets or {}).get(label, a["plan"]["budget"] if a["fits"] else None)
+                a.update(row=row, label=LABELS[row],
+                         budget=None if row == "dense" else base if row in ("naive", "hybrid") else b,
                          budget_label=None if row == "dense" else label, held=HELD[row], read=READ[row])
                 if a["fits"] and a.get("peak_bytes") is not None and row != "dense":
-                    a["within_budget"] = a["peak_bytes"] <= b
+                    # flash rows: everything within the budget; baselines: within what they were planned to hold
+                    limit = a["plan"]["total"] if row in ("naive", "hybrid") else b
+                    a["within_budget"] = a["peak_bytes"] <= limit
                 out[k] = a
     for label in budgets:
         naive = out.get(key("naive", label))
@@ -625,11 +634,30 @@ def resolve_budgets(s: Setup, budget: str, sweep: Optional[str]) -> Dict[str, in
     return {str(budget): parse_budget(budget, total)}
 
 
+def baseline_budgets(s: Setup, budgets: Dict[str, int], share: Optional[str]) -> Dict[str, int]:
+    """The weights naive and hybrid hold, per budget: --baseline-share when given, else the budget
+    itself when it is a share of the model (0.5), else half the model (the paper's)."""
+    total = model_bytes(s.folder, s.cfg)
+    if share is not None:
+        b = parse_budget(share, total)
+        return {label: b for label in budgets}
+    out = {}
+    for label, b in budgets.items():
+        try:
+            fraction = float(label) <= 1.0
+        except ValueError:
+            fraction = False
+        out[label] = b if fraction else int(DEFAULT_SHARE * total)
+    return out
+
+
 def run_all(s: Setup, rows: List[str], budgets: Dict[str, int], repeats: int, gap, gap_tokens: int,
-            candidates=GAP_CANDIDATES, warmup: bool = True, progress: bool = True) -> dict:
+            candidates=GAP_CANDIDATES, warmup: bool = True, progress: bool = True,
+            base_budgets: Optional[Dict[str, int]] = None) -> dict:
     """Warm-up, gap calibration, then interleaved repetitions; returns the raw runs."""
     from tqdm import tqdm
 
+    base_budgets = base_budgets or baseline_budgets(s, budgets, None)
     configs = []
     for label, b in budgets.items():
         for row in rows:
@@ -637,7 +665,7 @@ def run_all(s: Setup, rows: List[str], budgets: Dict[str, int], repeats: int, ga
                 if (row, "-") not in [(r, l) for r, l, _ in configs]:
                     configs.append((row, "-", 0))
             else:
-                configs.append((row, label, b))
+                configs.append((row, label, base_budgets[label] if row in ("naive", "hybrid") else b))
     auto = gap == "auto" and "all" in rows
     total = len(configs) * (repeats + (1 if warmup else 0)) + (2 * len(candidates) if auto and len(candidates) > 1 else 0)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
@@ -712,7 +740,7 @@ def child_main(args, rows: List[str]):
     """Inside the cgroup (joined by _CHILD before any import): the baseline after the libraries and
     the tokenizer, before any weight; then the rows, each under limit = budget + baseline."""
     cg = Path(args.cgroup_child)
-    base = {}
+    measured = {}
 
     def measure():
         import mlx_lm.models.cache  # noqa: F401  what the rows import lazily
@@ -722,16 +750,16 @@ def child_main(args, rows: List[str]):
         with ThreadPoolExecutor(args.threads) as pool:  # the threads' libc and Python machinery, once
             list(pool.map(time.sleep, [0.001] * args.threads))
         gc.collect()
-        base["cgroup"] = int((cg / "memory.usage_in_bytes").read_text())
-        base["rss"] = rss_bytes()
+        measured["cgroup"] = int((cg / "memory.usage_in_bytes").read_text())
+        measured["rss"] = rss_bytes()
 
     s = load_setup(args.model, args.prompt_tokens, args.gen_tokens, before_weights=measure, threads=args.threads,
                    verify=args.verify, evict=False, window=args.window, recall=args.recall)
-    s.cgroup, s.baseline, s.slack = cg, base["cgroup"], args.cgroup_slack
-    budgets = json.loads(args.child_budgets)
+    s.cgroup, s.baseline, s.slack = cg, measured["cgroup"], args.cgroup_slack
+    budgets, base = json.loads(args.child_budgets)
     res = run_all(s, rows, budgets, args.repeats, args.coalesce_gap, args.gap_tokens,
-                  candidates=tuple(parse_ints(args.gap_candidates)), progress=False)
-    res["cgroup"] = {"path": str(cg), "baseline_bytes": base["cgroup"], "baseline_rss_bytes": base["rss"],
+                  candidates=tuple(parse_ints(args.gap_candidates)), progress=False, base_budgets=base)
+    res["cgroup"] = {"path": str(cg), "baseline_bytes": measured["cgroup"], "baseline_rss_bytes": measured["rss"],
                      "slack_bytes": args.cgroup_slack}
     Path(args.json).write_text(json.dumps(res))
 
@@ -745,14 +773,14 @@ mlx_flash.bench.main(sys.argv[2:])
 """
 
 
-def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int]) -> dict:
+def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int], base: Dict[str, int]) -> dict:
     cg = make_cgroup()
     out = Path(tempfile.mkdtemp(prefix="mlx-flash-bench-")) / "child.json"
     argv = ["--model", str(args.model), "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens",
             str(args.gen_tokens), "--repeats", str(args.repeats), "--rows", ",".join(rows), "--threads",
             str(args.threads), "--coalesce-gap", str(args.coalesce_gap), "--gap-tokens", str(args.gap_tokens),
             "--gap-candidates", args.gap_candidates, "--json", str(out), "--cgroup-child", str(cg),
-            "--child-budgets", json.dumps(budgets), "--cgroup-slack", str(args.cgroup_slack)]
+            "--child-budgets", json.dumps([budgets, base]), "--cgroup-slack", str(args.cgroup_slack)]
     argv += ["--verify"] if args.verify else []
     argv += ["--window", str(args.window)] if args.window else []
     argv += ["--recall", str(args.recall)] if args.recall else []
@@ -795,6 +823,9 @@ def setup_arg_parser():
     p.add_argument("--model", "-M", default=None, help="converted flash model folder with trained predictors")
     p.add_argument("--dram-budget", "-b", default=DEFAULT_BUDGET,
                    help="fraction of the model (0.5), bytes (60M), or 'min': the smallest flash fits")
+    p.add_argument("--baseline-share", default=None,
+                   help="weights naive and hybrid keep in memory: a share of the model or bytes (default: the "
+                        "budget when it is a share, else 0.5)")
     p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT)
     p.add_argument("--gen-tokens", "-n", type=int, default=DEFAULT_GEN)
     p.add_argument("--repeats", "-r", type=int, default=DEFAULT_REPEATS)
@@ -877,6 +908,7 @@ def main(argv=None):
                    window=args.window, recall=args.recall)
     baseline_rss = rss_bytes()  # after loading the resident weights (the cgroup child measures before)
     budgets = resolve_budgets(s, args.dram_budget, args.sweep)
+    base = baseline_budgets(s, budgets, args.baseline_share)
     total = model_bytes(s.folder, s.cfg)
     candidates = tuple(parse_ints(args.gap_candidates))
     t_start = time.time()
@@ -884,14 +916,14 @@ def main(argv=None):
         local_rows = [r for r in rows if r == "dense"]
         res = run_all(s, local_rows, budgets, args.repeats, 0, 0, progress=not args.quiet) if local_rows else \
             {"runs": {}, "coalescing": {}}
-        child = run_in_cgroup(args, [r for r in rows if r != "dense"], budgets)
+        child = run_in_cgroup(args, [r for r in rows if r != "dense"], budgets, base)
         res["runs"].update(child["runs"])
         res["coalescing"] = child["coalescing"]
         res["cgroup"] = child["cgroup"]
     else:
         res = run_all(s, rows, budgets, args.repeats, args.coalesce_gap, args.gap_tokens, candidates,
-                      progress=not args.quiet)
-    summary = summarize(res["runs"], budgets, rows)
+                      progress=not args.quiet, base_budgets=base)
+    summary = summarize(res["runs"], budgets, rows, base)
     probe = None
     if not args.no_probe:
         from .probe import SCRATCH_SIZE, parse_size
@@ -931,7 +963,9 @@ def main(argv=None):
         header.append(f"'all' row: coalesce gap {gi.get('gap')} ({gi.get('method', '')}{': ' + meas if meas else ''})")
     print("\n".join(header))
     for label, b in budgets.items():
-        print(f"\n## DRAM budget {label}: {b / 1e6:.1f} MB ({b / total:.0%} of the model)\n")
+        print(f"\n## DRAM budget {label}: {b / 1e6:.1f} MB ({b / total:.0%} of the model) for the flash rows, "
+              f"everything included; naive and hybrid hold weights up to {base[label] / 1e6:.1f} MB "
+              f"({base[label] / total:.0%}), plus one streamed layer, KV cache and working memory\n")
         print(table(summary, label))
         for a in summary.values():
             if a.get("budget_label") == label and a["fits"] and a.get("within_budget") is False:
@@ -946,7 +980,7 @@ def main(argv=None):
           "read_bytes; compute = attention + FFN + the rest; agreement = greedy next-token agreement with dense; "
           "ppl = perplexity of the text's next tokens")
 
-    result = {"model": str(s.folder), "model_bytes": total, "budgets": budgets, "rows": rows,
+    result = {"model": str(s.folder), "model_bytes": total, "budgets": budgets, "baseline_budgets": base, "rows": rows,
               "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens, "repeats": args.repeats,
               "threads": args.threads, "verify": args.verify, "eviction": eviction, "cgroup": res.get("cgroup"),
               "baseline_rss_bytes": baseline_rss, "coalescing": gi, "probe": probe,
