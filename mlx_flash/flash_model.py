@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .bundle_reader import BundleBuffer, BundleReader
@@ -26,7 +27,7 @@ from .predictor import load_predictors
 DEFAULT_THREADS = 32  # the paper's
 DEFAULT_KV_TOKENS = 512  # context the budget reserves KV cache for (prompt + generated tokens)
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?|%)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
 
@@ -36,13 +37,15 @@ def model_bytes(folder: Path, cfg: FlashConfig) -> int:
 
 
 def parse_budget(budget, total: int) -> Optional[int]:
-    """Bytes ('150M', '1.5G', '2GiB', 123456) or a fraction of the model's size (0.5)."""
+    """Bytes ('150M', '1.5G', '2GiB', 123456) or a share of the model's size (0.5, '120%')."""
     if budget is None:
         return None
     m = _SIZE.match(str(budget))
     if not m:
-        raise FlashError(f"--dram-budget '{budget}' is not a size (e.g. 60M, 1.5G) or a fraction (e.g. 0.6)")
+        raise FlashError(f"--dram-budget '{budget}' is not a size (e.g. 60M, 1.5G) or a share (e.g. 0.6, 120%)")
     value, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
+    if unit == "%":
+        return int(value / 100 * total)
     if not unit and value <= 1.0:
         return int(value * total)
     return int(value * _UNITS[unit])
@@ -114,7 +117,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
             min(cfg.d_ff, share * cfg.d_ff * window) for share in p["predicted_share"]]
         wanted = [min(cfg.d_ff, int(math.ceil(SLOT_MARGIN * b)) + 8) for b in base]
     # a token's own predicted set must fit, or the window degenerates into truncation
-    floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.5)) + 8) for w, share in zip(wanted, p["predicted_share"])]
+    floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.2)) + 8) for w, share in zip(wanted, p["predicted_share"])]
     fixed = resident_bytes + predictor_bytes + kv + working
     if budget_bytes is not None:
         room = budget_bytes - fixed
@@ -138,10 +141,11 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
                  kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None,
-                 recall: Optional[float] = None):
+                 recall: Optional[float] = None, predictor_bits: Optional[int] = 8):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
-    recall: one of the calibrated recall levels (default: the training target)."""
+    recall: one of the calibrated recall levels (default: the training target).
+    predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored)."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -157,6 +161,11 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         except Exception as e:
             raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
         taus = predictor_level(cfg, recall)["tau"]
+        if predictor_bits:
+            # 8-bit predictors halve their share of the budget; their scores move by well under tau's margin
+            for p in predictors:
+                nn.quantize(p, 32, predictor_bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                            and m.weight.shape[-1] % 32 == 0)
     else:
         predictors, taus = predictor, [0.0] * cfg.n_layers
     mx.eval([p.parameters() for p in predictors if hasattr(p, "parameters")])
