@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import FlashError
-from .flash_format import BUNDLES_FILE, BundleLayout, FlashConfig
+from .flash_format import BUNDLES_FILE, BundleLayout, FlashConfig, field_arrays
 
 BUFFER_ALIGN = 4096  # destination rows start on a page: enough for any disk's O_DIRECT
 MAX_CHUNK = 1 << 20  # split longer runs so threads share them (the paper: >= 32 KiB pays off)
@@ -75,34 +75,13 @@ class BundleBuffer:
     def address(self) -> int:
         return self.np.ctypes.data
 
-    def field(self, name: str, n: Optional[int] = None) -> mx.array:
-        """Typed (n, *shape) MLX view of one bundle field over rows [0, n)."""
-        f = self.layout.field(name)
-        dt = MX_DTYPES[f.dtype]
-        item = dt.size
-        assert f.offset % item == 0 and self.layout.stride % item == 0
-        rows = self.mx if n is None else self.mx[:n]
-        count = int(np.prod(f.shape))
-        v = rows.view(dt)[:, f.offset // item : f.offset // item + count]  # (n, count)
-        return v if len(f.shape) == 1 else v.reshape(v.shape[0], *f.shape)
+    def field(self, name: str, n: Optional[int] = None):
+        """One field ("gate", "up", "down", "bias") over rows [0, n): an array or a quantized triple."""
+        return self.fields(n)[name]
 
     def fields(self, n: Optional[int] = None) -> Dict:
-        """The dict `models.ffn.bundle_ffn` computes on: matrices as (n, d_model) views,
-        or (weight, scales, biases) triples when quantized; "bias" as (n, 1 or 2).
-
-        Like `flash_format.field_arrays`, but the dtype view is taken on whole rows
-        before slicing columns: MLX copies when viewing a strided byte slice, so the
-        other order gives a snapshot that goes stale once evaluated, and a copy per token.
-        """
-        out = {}
-        for f in self.layout.fields:
-            matrix, _, part = f.name.partition(".")
-            if part:  # quantized: "<matrix>.weight|scales|biases"
-                out.setdefault(matrix, {})[part] = self.field(f.name, n)
-            else:
-                out[f.name] = self.field(f.name, n)
-        return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v
-                for k, v in out.items()}
+        """Typed MLX views of every bundle field over rows [0, n): no copy (flash_format.field_arrays)."""
+        return field_arrays(self.mx if n is None else self.mx[:n], self.layout)
 
 
 def alloc_buffer(slots: int, layout: BundleLayout, align: int = BUFFER_ALIGN) -> BundleBuffer:

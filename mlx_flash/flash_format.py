@@ -232,18 +232,22 @@ def layer_view(data: np.ndarray, cfg: FlashConfig, layer: int) -> np.ndarray:
 def field_arrays(rows, layout: BundleLayout) -> dict:
     """Typed MLX views of bundle fields over a (n, stride) uint8 MLX array of bundles.
 
-    Returns {"gate"|"up"|"down": (n, d) array or (weight, scales, biases), "bias": (n, k)}.
-    Slicing and `view` keep these views of the same memory: no gather, no copy.
+    Returns {"gate"|"up"|"down": (n, d) array or (weight, scales, biases), "bias": (n, k)},
+    the dict `models.ffn.bundle_ffn` computes on. The dtype view is taken on whole rows
+    before the field's columns are sliced: the other order makes MLX copy, and a copy
+    would go stale when the rows are refilled.
     """
     import mlx.core as mx
 
     n = rows.shape[0]
     out = {}
     for f in layout.fields:
-        # (n, stride) bytes -> (n, nbytes) -> (n, *shape) of the field's dtype
-        v = rows[:, f.offset : f.offset + f.nbytes].view(getattr(mx, f.dtype)).reshape(n, *f.shape)
+        dt = getattr(mx, f.dtype)
+        count = int(np.prod(f.shape))
+        v = rows.view(dt)[:, f.offset // dt.size : f.offset // dt.size + count]  # (n, count)
+        v = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
         matrix, _, part = f.name.partition(".")
-        if part:
+        if part:  # quantized: "<matrix>.weight|scales|biases"
             out.setdefault(matrix, {})[part] = v
         else:
             out[f.name] = v

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import FlashError
 from .flash_format import BUNDLES_FILE, CONFIG_FILE, RESIDENT_FILE, FlashConfig, field_arrays, layer_view
 from .models.ffn import BundleFFN
-from .utils import build_model, load_tokenizer, model_class, read_source, resolve
+from .utils import build_model, load_tokenizer, model_class, quantize_like, read_source, resolve
 
 MODES = ("dense", "flash")
 _DOWN_BIAS = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.bias$")
@@ -43,15 +43,7 @@ def load_resident(folder: Path, cfg: FlashConfig):
     down_bias = [None] * cfg.n_layers
     for k in [k for k in weights if _DOWN_BIAS.search(k)]:
         down_bias[int(_DOWN_BIAS.search(k).group(1))] = weights.pop(k)
-    quant = cfg.model_config.get("quantization")
-    if quant:
-        def predicate(path, module):
-            if f"{path}.scales" not in weights:
-                return False
-            q = quant.get(path, quant)
-            return {"group_size": q["group_size"], "bits": q["bits"]}
-
-        nn.quantize(model, class_predicate=predicate)
+    quantize_like(model, weights, cfg.model_config.get("quantization"))
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

@@ -141,6 +141,21 @@ def read_source(model: str) -> Source:
     return Source(model, config, weights, path)
 
 
+def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optional[dict]):
+    """Make quantized exactly the modules whose weights arrive quantized (mlx-lm's config convention:
+    a default {"group_size", "bits"} plus per-module overrides)."""
+    if not quant:
+        return
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights:
+            return False
+        q = quant.get(path, quant)
+        return {"group_size": q["group_size"], "bits": q["bits"]}
+
+    nn.quantize(model, class_predicate=predicate)
+
+
 def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True) -> nn.Module:
     """Instantiate the architecture, quantize the modules that arrive quantized, load weights."""
     Model, ModelArgs = model_class(config)
@@ -149,16 +164,7 @@ def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True)
     except TypeError as e:
         raise FlashError(f"config.json is missing a required field: {e}")
     weights = model.sanitize(weights)
-    quant = config.get("quantization")
-    if quant:
-
-        def predicate(path, module):
-            if f"{path}.scales" not in weights:
-                return False
-            q = quant.get(path, {"group_size": quant["group_size"], "bits": quant["bits"]})
-            return {"group_size": q["group_size"], "bits": q["bits"]}
-
-        nn.quantize(model, class_predicate=predicate)
+    quantize_like(model, weights, config.get("quantization"))
     try:
         model.load_weights(list(weights.items()), strict=strict)
     except ValueError as e:
