@@ -85,6 +85,7 @@ DEFAULT_GEN = 256
 DEFAULT_REPEATS = 3
 GAP_CANDIDATES = (0, 1, 2, 4, 8, 16)
 PROBE_BYTES = 64 << 20
+PROBE_ROUNDS = 3
 KV_STEP = 256  # mlx_lm.models.cache.KVCache grows by this many tokens
 PHASES = ("io", "memory", "predict", "attention", "ffn", "other")
 PHASE_LABELS = {"io": "I/O (reads, page faults)", "memory": "memory management", "predict": "prediction",
@@ -506,7 +507,7 @@ def add_probe(summary: Dict[str, dict], folder: Path, threads: int, nbytes: int,
     if not wanted:
         return None
     path = scratch_file(folder, scratch_size, path)
-    probe = probe_disk(path, sorted(wanted), [threads], nbytes, progress=progress)
+    probe = probe_disk(path, sorted(wanted), [threads], nbytes, progress=progress, rounds=PROBE_ROUNDS)
     for a in summary.values():
         if "mean_read_bytes" in a:
             gb = probe_at(probe, a["mean_read_bytes"], threads)
@@ -978,8 +979,10 @@ def main(argv=None):
               f"{probe['bytes_per_point'] / 2**20:.0f} MiB per point: " + ", ".join(
                   f"{p['chunk'] / 1024:.1f} KiB {p['gb_per_s']:.2f} GB/s" for p in probe["points"]))
     print("\ncolumns: MB read/token = bytes the row's reads fetched (logical); disk MB/token = /proc/self/io "
-          "read_bytes; compute = attention + FFN + the rest; agreement = greedy next-token agreement with dense; "
-          "ppl = perplexity of the text's next tokens")
+          "read_bytes; of probe = achieved GB/s against random direct reads of the row's mean read size at its "
+          "thread count (hybrid reads sequentially, so it can pass 100%); compute = attention + FFN + the rest; "
+          "peak MB = MLX's peak + ffn.bundles pages in the page cache (naive: with the kernel's async readahead); "
+          "agreement = greedy next-token agreement with dense; ppl = perplexity of the text's next tokens")
 
     result = {"model": str(s.folder), "model_bytes": total, "budgets": budgets, "baseline_budgets": base, "rows": rows,
               "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens, "repeats": args.repeats,

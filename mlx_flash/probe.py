@@ -137,8 +137,9 @@ def probe_point(fd: int, file_size: int, chunk: int, threads: int, nbytes: int, 
 
 
 def probe_disk(path: Path, chunks: Iterable[int], threads: Iterable[int], nbytes: int = DEFAULT_BYTES,
-               progress: bool = False) -> dict:
-    """Every (chunk, threads) point on `path` with direct I/O; returns {"file", "points": [...]}."""
+               progress: bool = False, rounds: int = 1) -> dict:
+    """Every (chunk, threads) point on `path` with direct I/O, in `rounds` interleaved passes (each at
+    fresh random offsets); a point's GB/s is the median. Returns {"file", "points": [...], ...}."""
     from tqdm import tqdm
 
     path = Path(path)
@@ -151,17 +152,27 @@ def probe_disk(path: Path, chunks: Iterable[int], threads: Iterable[int], nbytes
         raise FlashError("thread counts must be at least 1")
     fd = _open_direct(path)
     size = os.fstat(fd).st_size
-    points = []
+    grid = [(c, t) for t in threads for c in chunks]
+    samples = {g: [] for g in grid}
     try:
         with ThreadPoolExecutor(max(threads), thread_name_prefix="probe") as pool:
-            grid = [(c, t) for t in threads for c in chunks]
-            for c, t in tqdm(grid, desc="disk probe", unit="point", disable=not progress):
-                points.append(probe_point(fd, size, c, t, nbytes, pool, block))
+            bar = tqdm(total=len(grid) * rounds, desc="disk probe", unit="point", disable=not progress)
+            for r in range(rounds):
+                for c, t in grid:
+                    samples[(c, t)].append(probe_point(fd, size, c, t, nbytes, pool, block, seed=r))
+                    bar.update(1)
+            bar.close()
     finally:
         os.close(fd)
-    return {"file": str(path), "file_bytes": size, "block": block, "bytes_per_point": nbytes,
-            "method": "O_DIRECT/F_NOCACHE, random offsets aligned to 4 KiB (to the disk's block for chunks that are not whole pages), "
-                      "ThreadPoolExecutor + os.preadv into page-aligned buffers",
+    points = []
+    for (c, t), ps in samples.items():
+        p = dict(sorted(ps, key=lambda q: q["gb_per_s"])[len(ps) // 2])  # the median pass
+        p["rounds_gb_per_s"] = [q["gb_per_s"] for q in ps]
+        points.append(p)
+    return {"file": str(path), "file_bytes": size, "block": block, "bytes_per_point": nbytes, "rounds": rounds,
+            "method": "O_DIRECT/F_NOCACHE, random offsets aligned to 4 KiB (to the disk's block for chunks that "
+                      "are not whole pages), ThreadPoolExecutor + os.preadv into page-aligned buffers; median of "
+                      "interleaved rounds",
             "points": points}
 
 
@@ -297,6 +308,7 @@ def setup_arg_parser():
     d.add_argument("--bytes", default=str(DEFAULT_BYTES), help="bytes read per point (default 32M)")
     d.add_argument("--scratch", default=None, help="file to read (default: ffn.bundles or a scratch file)")
     d.add_argument("--scratch-size", default=str(SCRATCH_SIZE), help="size of the scratch file (default 256M)")
+    d.add_argument("--rounds", type=int, default=1, help="interleaved passes over the grid; medians")
     w = sub.add_parser("window", help="FFN share read and held against the window size")
     w.add_argument("--model", "-M", required=True, help="converted model folder with trained predictors")
     w.add_argument("--windows", default="1:10", help="window sizes: lo:hi or a,b,c")
@@ -320,7 +332,7 @@ def main(argv=None):
     if args.command == "disk":
         path = scratch_file(folder, parse_size(args.scratch_size), args.scratch and Path(args.scratch))
         r = probe_disk(path, parse_range(args.chunks, size=True), parse_range(args.threads), parse_size(args.bytes),
-                       progress=not args.quiet)
+                       progress=not args.quiet, rounds=max(1, args.rounds))
         threads = sorted({p["threads"] for p in r["points"]})
         print(f"direct random reads of {r['file']} ({r['file_bytes'] / 1e6:.0f} MB), "
               f"{r['bytes_per_point'] / 2**20:.0f} MiB per point, GB/s:")

@@ -407,16 +407,18 @@ def scale_main(args) -> dict:
         gaps = (int(args.coalesce_gap),)
     total = sum(warmup + n for n in runs.values()) + (h_tokens if "hybrid" in rows else 0)
     if "all" in rows and len(gaps) > 1:
-        total += len(gaps) * (warmup + min(tokens, 8))
+        total += 2 * len(gaps) * (warmup + min(tokens, 8))
     bar = tqdm(total=total, desc=f"scale {g.name} (synthetic)", unit="token", disable=not progress)
     if "all" in rows and len(gaps) > 1:
-        meas = {}
-        for gp in gaps:
-            r = run_flash(folder, cfg, "all", layers, min(tokens, 8), warmup, args.threads, seed=1, gap=gp,
-                          progress=bar)
-            meas[gp] = r["ms_io_per_layer"] + r["ms_memory_per_layer"]
-        gap_info = {"gap": min(meas, key=meas.get), "measured": {k: v * g.n_layers for k, v in meas.items()},
-                    "method": "I/O + memory ms per token over 8 tokens (seed 1), lowest wins"}
+        meas = {gp: [] for gp in gaps}
+        for _ in range(2):  # interleaved rounds: the disk's mood drifts
+            for gp in gaps:
+                r = run_flash(folder, cfg, "all", layers, min(tokens, 8), warmup, args.threads, seed=1, gap=gp,
+                              progress=bar)
+                meas[gp].append(r["ms_io_per_layer"] + r["ms_memory_per_layer"])
+        med = {k: float(np.median(v)) * g.n_layers for k, v in meas.items()}
+        gap_info = {"gap": min(med, key=med.get), "measured": med,
+                    "method": "I/O + memory ms per token, median of 2 interleaved runs of 8 tokens (seed 1)"}
     elif "all" in rows:
         gap_info = {"gap": gaps[0], "measured": {}, "method": "given"}
     for row in rows:
@@ -436,7 +438,8 @@ def scale_main(args) -> dict:
     if not args.no_probe:
         wanted = sorted({max(512, int(round(r["mean_read_bytes"] / 512)) * 512) for r in results.values()})
         nbytes = PROBE_BYTES if args.probe_bytes == str(BENCH_PROBE_BYTES) else parse_size(args.probe_bytes)
-        probe = probe_disk(folder / BUNDLES_FILE, wanted, [args.threads], nbytes, progress=progress)
+        probe = probe_disk(folder / BUNDLES_FILE, wanted, [args.threads], nbytes, progress=progress,
+                           rounds=1 if args.quick else 3)
         for r in results.values():
             gb = probe_at(probe, r["mean_read_bytes"], args.threads)
             r["probe_gb_per_s"], r["share_of_probe"] = gb, (r["read_gb_per_s"] / gb if gb else None)
@@ -487,6 +490,8 @@ def scale_main(args) -> dict:
         checks.append(f"memory management, {best['row']}: {share:.1%} of the token's "
                       f"{'I/O + memory + compute' if args.compute else 'I/O + memory'} time (target <= 10%: "
                       f"{'met' if share <= 0.10 else 'MISSED'})")
+    print("of probe: achieved GB/s against random direct reads of the row's mean read size, same threads, in this "
+          "run (hybrid reads sequentially, so it can pass 100%)")
     for c in checks:
         print(f"- {c}")
     if probe:
