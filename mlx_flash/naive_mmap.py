@@ -118,6 +118,17 @@ class MappedBundles:
             self.fd = -1
 
 
+def drop_cache(path: Path):
+    """Drop a file's clean pages from the page cache (after a buffered read of it), so that the next
+    reader finds them cold, and under a memory cgroup gets them charged to its own group."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
@@ -398,6 +409,7 @@ def attach_dense_timed(model, folder: Path, cfg: FlashConfig, down_bias) -> Atta
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
     for l, layer in enumerate(model.layers):
         layer.mlp = resident_layer(model, cfg, l, read_layer(folder, cfg, l), down_bias[l], stats)
+    drop_cache(Path(folder) / BUNDLES_FILE)  # the rows after this one start cold
     return Attached(stats)
 
 
@@ -426,6 +438,9 @@ def attach_baseline(model, folder, cfg: FlashConfig, down_bias, kind: str, weigh
                                 evict=evict, last=l == streamed[-1])
         else:
             layer.mlp = HybridFFN(l, model.ffn_spec, cfg, out.reader, buf, down_bias[l], stats)
-    if out.mapped is not None and evict:
-        out.mapped.evict()  # reading the resident layers went through the page cache
+    # reading the resident layers went through the page cache; and pages cached (and charged) before,
+    # by anyone, would be warm for the naive row even inside a memory cgroup
+    drop_cache(folder / BUNDLES_FILE)
+    if out.mapped is not None:
+        out.mapped.evict()
     return out
