@@ -247,3 +247,14 @@ def test_scale_quick_command(direct_root, capsys):  # noqa: F811
     assert res["rows"]["windowing"]["bytes_read_per_token"] < res["rows"]["predictor"]["bytes_read_per_token"]
     assert (direct_root / "splots" / "scale_breakdown.png").is_file()
     assert "SYNTHETIC" in capsys.readouterr().out
+
+
+def test_sweep_over_budgets(trained_flash, tmp_path):
+    res = bench.main(["--model", str(trained_flash("opt_pre_ln")), "--quick", "--sweep", "0.8:1.0:0.2", "--rows",
+                      "hybrid,windowing", "--baseline-share", "0.9", "--no-probe", "--quiet", "--plots", str(tmp_path)])
+    assert list(res["budgets"]) == ["0.80", "1.00"]
+    for label in res["budgets"]:
+        assert res["summary"][bench.key("hybrid", label)]["fits"]
+        w = res["summary"][bench.key("windowing", label)]  # the tiny model's overheads exceed its weights
+        assert not w["fits"] and "cannot hold this model" in w["reason"]
+    assert (tmp_path / "latency_vs_budget.png").is_file() and (tmp_path / "latency_breakdown_1.png").is_file()
