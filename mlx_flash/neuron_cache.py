@@ -64,6 +64,9 @@ class NeuronCache:
         assert rows is None or len(rows) >= slots
         self.d_ff, self.slots, self.window = d_ff, slots, window
         self.rows = rows
+        # rows move as 8-byte words: numpy's fancy-index copy is ~4x faster than byte by byte
+        self._words = rows.view(np.uint64) if rows is not None and rows.shape[1] % 8 == 0 \
+            and rows.flags.c_contiguous else rows
         self._address = None if rows is None else rows.ctypes.data
         self.slot_to_neuron = np.full(slots, -1, dtype=np.int32)
         self.neuron_to_slot = np.full(d_ff, -1, dtype=np.int32)
@@ -164,7 +167,7 @@ class NeuronCache:
         movers = n2 + np.flatnonzero(~gone[n2:])  # kept rows above it; as many as holes
         if len(holes):
             if self.rows is not None:
-                self.rows[holes] = self.rows[movers]  # (h, row_bytes) copy, no reallocation
+                self._words[holes] = self._words[movers]  # (h, row) copy, no reallocation
                 self.stats.bytes_moved += len(holes) * self.rows.shape[1]
             moved = self.slot_to_neuron[movers]
             self.slot_to_neuron[holes] = moved
