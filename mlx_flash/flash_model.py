@@ -96,7 +96,8 @@ def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
 
 def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
          window: Optional[int] = None, kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None,
-         recall: Optional[float] = None) -> Plan:
+         recall: Optional[float] = None, transient: int = 0) -> Plan:
+    """transient: what the resident part allocates per token beyond its weights (see attach_flash)."""
     p = predictor_level(cfg, recall)
     window = window or p["window"]
     if window < 1:
@@ -105,7 +106,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     budget_bytes = parse_budget(budget, total)
     # working memory: logits of a token and a prompt chunk's activations
     vocab = cfg.model_config["vocab_size"]
-    working = 2 * vocab * 4 + 64 * cfg.d_ff * 4 * 4
+    working = 2 * vocab * 4 + 64 * cfg.d_ff * 4 * 4 + transient
     kv = kv_bytes(cfg, kv_tokens)
     stride = cfg.layout.stride
 
@@ -173,7 +174,12 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         b.nbytes for b in down_bias if b is not None)
     predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
                           for _, v in tree_flatten(p.parameters()))
-    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots, recall)
+    # a quantized LM head casts its scales and biases to float32 every token (measured on the built-in model)
+    head = model.lm_head if "lm_head" in model else getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = head if head is not None else model.model.decoder.embed_tokens
+    transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
+    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots, recall,
+              transient)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, coalesce_gap=coalesce_gap, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
