@@ -32,7 +32,7 @@ def step(msg: str):
 
 def run(label: str, model, tokenizer, prompt: str, max_tokens: int):
     step(label)
-    print(prompt, end="", flush=True)
+    print(f"[{prompt}]", end="", flush=True)  # the streamed text starts where the prompt ends
     last = None
     for r in stream(model, tokenizer, prompt, max_tokens=max_tokens):
         print(r.text, end="", flush=True)
