@@ -48,7 +48,9 @@ def load_resident(folder: Path, cfg: FlashConfig):
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise FlashError(f"{folder / RESIDENT_FILE} does not match flash.json: {str(e).splitlines()[0]}")
-    mx.eval(model.parameters())
+    # evaluate everything now: a lazy load left for later would belong to this thread's stream,
+    # and a server generates from other threads
+    mx.eval(model.parameters(), [b for b in down_bias if b is not None])
     model.eval()
     return model, down_bias
 

@@ -400,3 +400,22 @@ def test_cli_serves_and_reports_startup_errors(tiny_flash):
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0
         assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: ")
+
+
+def test_flash_mode_reports_bytes_read(trained_flash):
+    """The server in flash mode: the `flash` field carries what was read from disk per token."""
+    folder = trained_flash("opt_pre_ln")
+    model, tokenizer = load(str(folder), mode="flash")
+    httpd = make_server(Engine(model, tokenizer, folder.name, "flash", MAX_PROMPT_TOKENS), "127.0.0.1", 0,
+                        quiet=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        c = openai.OpenAI(base_url=httpd.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=folder.name, messages=HI, max_tokens=6, temperature=0)
+        flash = r.model_extra["flash"]
+        assert flash["mode"] == "flash" and flash["bytes_read_per_token"] > 0
+        assert r.usage.completion_tokens == 6 or r.choices[0].finish_reason == "stop"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
