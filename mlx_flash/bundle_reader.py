@@ -41,8 +41,6 @@ F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module lacks it before 3.1
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 _EAGAIN_RETRIES = 1000
 
-MX_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32, "uint32": mx.uint32}
-
 
 # MARK: - destination buffer
 

@@ -38,10 +38,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .bundle_reader import MX_DTYPES, BundleBuffer, BundleReader
+from .bundle_reader import BundleBuffer, BundleReader
 from .errors import FlashError
 from .flash_ffn import FlashStats
-from .flash_format import BUNDLES_FILE, PAGE, FlashConfig, round_up
+from .flash_format import BUNDLES_FILE, PAGE, FlashConfig, field_arrays, round_up
 from .flash_model import kv_bytes, model_bytes, parse_budget
 from .models.ffn import BundleFFN, FFNSpec, bundle_ffn
 
@@ -50,24 +50,6 @@ DEFAULT_SHARE = 0.5  # the paper's baselines hold half of the model
 
 
 # MARK: - typed views over a (n, stride) MLX array of bundles
-
-
-def fields_of(rows: mx.array, layout) -> dict:
-    """Like BundleBuffer.fields over any (n, stride) uint8 MLX array: dtype view of whole rows
-    first, then the field's columns (the other order makes MLX copy)."""
-    n = rows.shape[0]
-    out = {}
-    for f in layout.fields:
-        dt = MX_DTYPES[f.dtype]
-        count = int(np.prod(f.shape))
-        v = rows.view(dt)[:, f.offset // dt.size : f.offset // dt.size + count]  # (n, count)
-        v = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
-        matrix, _, part = f.name.partition(".")
-        if part:
-            out.setdefault(matrix, {})[part] = v
-        else:
-            out[f.name] = v
-    return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v for k, v in out.items()}
 
 
 # MARK: - the file as a memory map whose pages we can make cold
@@ -226,7 +208,7 @@ class MmapFFN(_Timed):
             else:
                 self.mapped.evict(self.offset, round_up(self.nbytes, PAGE))
         t4 = time.perf_counter()
-        y = bundle_ffn(xs, self.spec, fields_of(rows, self.cfg.layout), self.down_bias, self.cfg.quantization)
+        y = bundle_ffn(xs, self.spec, field_arrays(rows, self.cfg.layout), self.down_bias, self.cfg.quantization)
         mx.eval(y)
         t5 = time.perf_counter()
         ms.peak_cached_bytes = max(ms.peak_cached_bytes, cached)
@@ -382,7 +364,7 @@ def read_layer(folder: Path, cfg: FlashConfig, layer: int) -> np.ndarray:
 
 def resident_layer(model, cfg: FlashConfig, layer: int, rows: np.ndarray, down_bias, stats) -> ResidentFFN:
     fields = {k: tuple(map(mx.contiguous, v)) if isinstance(v, tuple) else mx.contiguous(v)
-              for k, v in fields_of(mx.array(rows), cfg.layout).items()}
+              for k, v in field_arrays(mx.array(rows), cfg.layout).items()}
     mx.eval(fields)
     return ResidentFFN(layer, BundleFFN(model.ffn_spec, fields, down_bias, cfg.quantization), stats)
 
