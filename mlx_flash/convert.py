@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import struct
 import zlib
 from pathlib import Path
 

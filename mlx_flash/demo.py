@@ -30,6 +30,21 @@ def step(msg: str):
     print(f"\n== {msg}", file=sys.stderr, flush=True)
 
 
+def prepare(model: str = DEFAULT_MODEL, folder=None, announce=lambda msg: None):
+    """Convert a model into models/<name> and train its predictors, each only if not done yet.
+
+    Returns the folder. Calibration uses half the default tokens, to keep a first run short on a CPU.
+    """
+    folder = folder or models_dir() / model
+    if not is_flash_folder(folder):
+        announce(f"converting {model} into the flash layout at {folder}")
+        convert(model, folder)
+    if FlashConfig.load(folder).predictors is None:
+        announce("calibrating sparsity and training the activation predictors (once)")
+        train(folder, tokens=1024)
+    return folder
+
+
 def run(label: str, model, tokenizer, prompt: str, max_tokens: int):
     step(label)
     print(f"[{prompt}]", end="", flush=True)  # the streamed text starts where the prompt ends
@@ -51,13 +66,7 @@ def main(argv=None):
     p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
     args = p.parse_args(argv)
 
-    folder = models_dir() / args.model
-    if not is_flash_folder(folder):
-        step(f"converting {args.model} into the flash layout at {folder}")
-        convert(args.model, folder)
-    if FlashConfig.load(folder).predictors is None:
-        step("calibrating sparsity and training the activation predictors (once)")
-        train(folder, tokens=1024)  # half the default, to keep the first demo short on a CPU
+    folder = prepare(args.model, announce=step)
     model, tokenizer = load(str(folder), mode="dense")
     run(f"dense: every weight in memory ({folder})", model, tokenizer, args.prompt, args.max_tokens)
     del model

@@ -11,7 +11,6 @@ of positions where flash's most likely next token is dense's.
 import argparse
 import json
 import math
-import sys
 import time
 
 import mlx.core as mx

@@ -10,7 +10,6 @@ Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
 import argparse
 import resource
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 

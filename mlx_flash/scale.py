@@ -49,7 +49,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .errors import FlashError
-from .flash_format import BUNDLES_FILE, CONFIG_FILE, PAGE, BundleLayout, FlashConfig, round_up
+from .flash_format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
 
 SYNTHETIC_ROWS = ("hybrid", "predictor", "windowing", "all")
 DEFAULT_TOKENS = 32

@@ -10,23 +10,13 @@ agree until the predictors miss a neuron that matters.
 import argparse
 from pathlib import Path
 
-from mlx_flash.convert import convert
+from mlx_flash.demo import prepare
 from mlx_flash.errors import cli
-from mlx_flash.flash_format import FlashConfig
 from mlx_flash.generate import stream
-from mlx_flash.load import is_flash_folder, load
-from mlx_flash.train_predictors import train
+from mlx_flash.load import load
 from mlx_flash.utils import DEFAULT_MODEL, models_dir
 
 DEFAULT_FOLDER = str(models_dir() / DEFAULT_MODEL)
-
-
-def prepare_builtin(folder: str):
-    """Convert the built-in model and train its predictors, once (minutes on CPU)."""
-    if not is_flash_folder(folder):
-        convert(DEFAULT_MODEL, folder)
-    if FlashConfig.load(folder).predictors is None:
-        train(folder, tokens=1024)  # as `make demo` does
 
 
 def run(folder: str, mode: str, prompt: str, max_tokens: int, **options) -> dict:
@@ -46,7 +36,7 @@ def main():
     p.add_argument("--dram-budget", default=None, help="flash mode: bytes (60M) or a fraction of the model (0.6)")
     args = p.parse_args()
     if Path(args.model).resolve() == Path(DEFAULT_FOLDER).resolve():
-        prepare_builtin(args.model)
+        prepare(folder=args.model)
 
     dense = run(args.model, "dense", args.prompt, args.max_tokens)
     options = {"dram_budget": args.dram_budget} if args.dram_budget else {}

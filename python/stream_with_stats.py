@@ -9,23 +9,13 @@ predictor, neuron-window bookkeeping ("memory management"), disk reads, FFN comp
 import argparse
 from pathlib import Path
 
-from mlx_flash.convert import convert
+from mlx_flash.demo import prepare
 from mlx_flash.errors import cli
-from mlx_flash.flash_format import FlashConfig
 from mlx_flash.generate import stream
-from mlx_flash.load import is_flash_folder, load
-from mlx_flash.train_predictors import train
+from mlx_flash.load import load
 from mlx_flash.utils import DEFAULT_MODEL, models_dir
 
 DEFAULT_FOLDER = str(models_dir() / DEFAULT_MODEL)
-
-
-def prepare_builtin(folder: str):
-    """Convert the built-in model and train its predictors, once (minutes on CPU)."""
-    if not is_flash_folder(folder):
-        convert(DEFAULT_MODEL, folder)
-    if FlashConfig.load(folder).predictors is None:
-        train(folder, tokens=1024)  # as `make demo` does
 
 
 @cli
@@ -38,7 +28,7 @@ def main():
     p.add_argument("--window", type=int, default=None, help="tokens whose neurons stay in DRAM")
     args = p.parse_args()
     if Path(args.model).resolve() == Path(DEFAULT_FOLDER).resolve():
-        prepare_builtin(args.model)
+        prepare(folder=args.model)
 
     options = {k: v for k, v in {"dram_budget": args.dram_budget, "window": args.window}.items() if v is not None}
     model, tokenizer = load(args.model, mode="flash", **options)

@@ -5,7 +5,7 @@ The FFN (`mlp`) is a provider chosen by the loader: dense, naive mmap or flash.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
