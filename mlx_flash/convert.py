@@ -23,10 +23,10 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .errors import FlashError, cli
-from .flash_format import (
+from .format import (
     BUNDLES_FILE, DEFAULT_ALIGNMENT, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up,
 )
-from .utils import build_model, copy_tokenizer, models_dir, read_source
+from .sources import build_model, copy_tokenizer, models_dir, read_source
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from .errors import FlashError, cli
 from .load import is_flash_folder, load_flash
-from .sparsity import HELDOUT_TEXT, encode_long
-from .utils import load_tokenizer, resolve
+from .flash.sparsity import HELDOUT_TEXT, encode_long
+from .sources import load_tokenizer, resolve
 
 DEFAULT_TOKENS = 256
 DEFAULT_OFFSET = 1000  # skip the text's first tokens (titles, chapter headings)

@@ -19,7 +19,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import FlashError, cli
 from .load import MODES, load
-from .utils import DEFAULT_MODEL
+from .sources import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100

@@ -18,9 +18,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import FlashError
-from .flash_format import BUNDLES_FILE, CONFIG_FILE, RESIDENT_FILE, FlashConfig, field_arrays, layer_view
+from .format import BUNDLES_FILE, CONFIG_FILE, RESIDENT_FILE, FlashConfig, field_arrays, layer_view
 from .models.ffn import BundleFFN
-from .utils import build_model, load_tokenizer, model_class, quantize_like, read_source, resolve
+from .sources import build_model, load_tokenizer, model_class, quantize_like, read_source, resolve
 
 MODES = ("dense", "flash")
 _DOWN_BIAS = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.bias$")
@@ -86,7 +86,7 @@ def load_flash(folder, mode: str = "dense", **flash_options):
     if mode == "dense":
         attach_dense(model, folder, cfg, down_bias)
     elif mode == "flash":
-        from .flash_model import attach_flash
+        from .flash.budget import attach_flash
 
         attach_flash(model, folder, cfg, down_bias, **flash_options)
     else:

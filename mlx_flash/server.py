@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from .errors import FlashError, cli
 from .generate import Response, StopFilter, flash_options, stream
 from .load import MODES, load
-from .utils import DEFAULT_MODEL
+from .sources import DEFAULT_MODEL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080

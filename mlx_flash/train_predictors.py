@@ -20,11 +20,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FlashError, cli
-from .flash_format import CONFIG_FILE, FlashConfig
+from .format import CONFIG_FILE, FlashConfig
 from .load import is_flash_folder, load_flash
-from .predictor import default_ranks, save_predictors, train_layer, window_union_sizes
-from .sparsity import active_masks, collect, is_relu, read_texts, thresholds, token_windows
-from .utils import load_tokenizer
+from .flash.predictor import default_ranks, save_predictors, train_layer, window_union_sizes
+from .flash.sparsity import active_masks, collect, is_relu, read_texts, thresholds, token_windows
+from .sources import load_tokenizer
 
 PREDICTORS_FILE = "predictors.safetensors"
 DEFAULT_SPARSITY = 0.5  # non-ReLU models; chosen from measured perplexity (README, "Quality")

@@ -13,7 +13,7 @@ from mlx_flash.demo import prepare
 from mlx_flash.errors import cli
 from mlx_flash.generate import stream
 from mlx_flash.load import MODES, load
-from mlx_flash.utils import DEFAULT_MODEL, models_dir
+from mlx_flash.sources import DEFAULT_MODEL, models_dir
 
 DEFAULT_FOLDER = str(models_dir() / DEFAULT_MODEL)
 

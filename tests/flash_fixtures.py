@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_flash.bundle_reader import _open_direct
+from mlx_flash.flash.bundle_reader import _open_direct
 from mlx_flash.errors import FlashError
-from mlx_flash.flash_format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
+from mlx_flash.format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
 
 _NP = {"float16": np.float16, "float32": np.float32}
 

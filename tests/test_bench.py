@@ -1,6 +1,7 @@
 """The benchmark, the probes and scale mode on tiny settings: structure and invariants, not speed."""
 
 import json
+import sys
 import os
 import shutil
 from pathlib import Path
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 
 from flash_fixtures import direct_root  # noqa: F401  (fixture)
-from mlx_flash import bench, probe, scale
-from mlx_flash.bundle_reader import BundleBuffer, BundleReader
+from mlx_flash import bench
+from mlx_flash.bench import probe, scale
+from mlx_flash.flash.bundle_reader import BundleBuffer, BundleReader
 from mlx_flash.errors import FlashError
-from mlx_flash.flash_format import BUNDLES_FILE, FlashConfig
-from mlx_flash.naive_mmap import MappedBundles, plan_baseline, resident_param_bytes
-from mlx_flash.neuron_cache import NeuronCache
+from mlx_flash.format import BUNDLES_FILE, FlashConfig
+from mlx_flash.baselines import MappedBundles, plan_baseline, resident_param_bytes
+from mlx_flash.flash.neuron_cache import NeuronCache
 
 FLASH = ("predictor", "windowing", "all")
 
@@ -141,7 +143,7 @@ def test_fill_gaps_and_caches():
 
 
 def test_cgroup_failure_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "cgroup_root", lambda: tmp_path / "missing" / "deeper")
+    monkeypatch.setattr(sys.modules[bench.make_cgroup.__module__], "cgroup_root", lambda: tmp_path / "missing" / "deeper")
     with pytest.raises(FlashError, match="cannot create the memory cgroup"):
         bench.make_cgroup()
 

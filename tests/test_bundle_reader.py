@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flash_fixtures import direct_root, write_flash_model  # noqa: F401 (fixture)
-from mlx_flash import bundle_reader as br
-from mlx_flash.bundle_reader import BundleReader, alloc_buffer
+from mlx_flash.flash import bundle_reader as br
+from mlx_flash.flash.bundle_reader import BundleReader, alloc_buffer
 from mlx_flash.errors import FlashError
-from mlx_flash.flash_format import BUNDLES_FILE
+from mlx_flash.format import BUNDLES_FILE
 
 Q4 = {"bits": 4, "group_size": 32}
 GEOMETRIES = {

@@ -8,7 +8,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_flash.flash_format import BUNDLES_FILE, CONFIG_FILE
+from mlx_flash.format import BUNDLES_FILE, CONFIG_FILE
 
 
 def run(*args, stdin=None):

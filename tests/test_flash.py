@@ -12,7 +12,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_flash.errors import FlashError
-from mlx_flash.flash_format import BUNDLES_FILE, FlashConfig
+from mlx_flash.format import BUNDLES_FILE, FlashConfig
 from mlx_flash.generate import stream
 from mlx_flash.load import load, load_flash
 

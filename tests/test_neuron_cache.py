@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flash_fixtures import direct_root, write_flash_model  # noqa: F401 (fixture)
-from mlx_flash.bundle_reader import BundleReader, alloc_buffer
+from mlx_flash.flash.bundle_reader import BundleReader, alloc_buffer
 from mlx_flash.errors import FlashError
-from mlx_flash.flash_format import BUNDLES_FILE, BundleLayout
-from mlx_flash.neuron_cache import NeuronCache, load_active
+from mlx_flash.format import BUNDLES_FILE, BundleLayout
+from mlx_flash.flash.neuron_cache import NeuronCache, load_active
 
 ROW = 8  # bytes per row in the bookkeeping tests: (neuron id, ~neuron id) as int32
 

@@ -11,7 +11,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_flash.generate import stream
 from mlx_flash.load import load
-from mlx_flash.utils import read_source
+from mlx_flash.sources import read_source
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife.")

@@ -2,7 +2,7 @@
 
 Every architecture here names its FFN `mlp` with `up_proj`/`down_proj` (and
 `gate_proj` for GLU models); OPT's `fc1`/`fc2` are renamed in its `sanitize`.
-Dense mode uses `DenseFFN`; flash mode swaps in `FlashFFN` (mlx_flash.flash_ffn)
+Dense mode uses `DenseFFN`; flash mode swaps in `FlashFFN` (mlx_flash.flash.ffn)
 and the naive baseline `MmapFFN`, all with the same call signature.
 """
 

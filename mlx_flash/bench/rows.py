@@ -3,7 +3,7 @@
     python -m mlx_flash.bench --model models/smollm2-135m [--dram-budget 0.5|min|60M] [--prompt-tokens 128]
         [--gen-tokens 256] [--repeats 3] [--rows dense,naive,hybrid,predictor,windowing,all]
         [--json out.json] [--plots DIR] [--quick] [--cgroup] [--sweep 0.35:0.8:0.05]
-    python -m mlx_flash.bench --scale opt-6.7b [--layers 32] [--tokens 32] ...   (see mlx_flash.scale)
+    python -m mlx_flash.bench --scale opt-6.7b [--layers 32] [--tokens 32] ...   (see mlx_flash.bench.scale)
 
 Every row runs the same token sequence (held-out text: --prompt-tokens of prompt,
 then --gen-tokens decode steps fed the text's next token) through the same model
@@ -59,12 +59,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import FlashError, cli
-from .flash_format import FlashConfig, round_up
-from .flash_model import DEFAULT_THREADS, attach_flash, model_bytes, parse_budget, plan
-from .load import is_flash_folder, load_resident
-from .naive_mmap import DEFAULT_SHARE, attach_baseline, attach_dense_timed, resident_param_bytes
-from .neuron_cache import NeuronCache
+from ..errors import FlashError, cli
+from ..format import FlashConfig, round_up
+from ..flash.budget import DEFAULT_THREADS, attach_flash, model_bytes, parse_budget, plan
+from ..load import is_flash_folder, load_resident
+from ..baselines import DEFAULT_SHARE, attach_baseline, attach_dense_timed, resident_param_bytes
+from ..flash.neuron_cache import NeuronCache
 
 ROWS = ("dense", "naive", "hybrid", "predictor", "windowing", "all")
 FLASH_ROWS = ("predictor", "windowing", "all")
@@ -184,8 +184,8 @@ def mem_available() -> Optional[int]:
 
 
 def held_out_ids(tokenizer, n: int) -> np.ndarray:
-    from .evaluate import text_tokens
-    from .sparsity import HELDOUT_TEXT
+    from ..evaluate import text_tokens
+    from ..flash.sparsity import HELDOUT_TEXT
 
     return text_tokens(tokenizer, HELDOUT_TEXT, n)
 
@@ -219,7 +219,7 @@ class Setup:
 
 def load_setup(folder, prompt_tokens: int, gen_tokens: int, before_weights=None, **opts) -> Setup:
     """Tokens first, then the resident weights; `before_weights()` runs in between (the cgroup baseline)."""
-    from .utils import load_tokenizer
+    from ..sources import load_tokenizer
 
     folder = Path(folder)
     if not is_flash_folder(folder):
@@ -862,8 +862,8 @@ def setup_arg_parser():
     p.add_argument("--probe-file", default=None, help="file the probe reads (default: ffn.bundles when at least "
                                                       "256 MB, else a scratch file written once in the model folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    # scale mode (mlx_flash.scale)
-    p.add_argument("--scale", default=None, help="synthetic model at real size, e.g. opt-6.7b (see mlx_flash.scale)")
+    # scale mode (mlx_flash.bench.scale)
+    p.add_argument("--scale", default=None, help="synthetic model at real size, e.g. opt-6.7b (see mlx_flash.bench.scale)")
     p.add_argument("--scale-dir", default=None, help="where the synthetic model is written (default: models/)")
     p.add_argument("--layers", type=int, default=None, help="scale mode: layers written and measured")
     p.add_argument("--tokens", type=int, default=None, help="scale mode: tokens replayed per flash row")

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .models.ffn import FFNSpec, bundle_ffn
+from ..models.ffn import FFNSpec, bundle_ffn
 
 
 @dataclass

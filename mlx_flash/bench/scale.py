@@ -48,8 +48,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import FlashError
-from .flash_format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
+from ..errors import FlashError
+from ..format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
 
 SYNTHETIC_ROWS = ("hybrid", "predictor", "windowing", "all")
 DEFAULT_TOKENS = 32
@@ -163,7 +163,7 @@ def write_synthetic(folder: Path, g: Geometry, layers: int, seed: int = 0, progr
             architecture="opt", model_config=g.model_config(), d_model=g.d_model, d_ff=g.d_ff, n_layers=layers,
             glu=g.glu, bias=g.bias, activation="relu", dtype=g.dtype, quantization=None, layout=lay, layers=infos,
             file_size=round_up(off, PAGE),
-            source={"synthetic": g.name, "seed": seed, "note": "random weights for I/O measurements (mlx_flash.scale)",
+            source={"synthetic": g.name, "seed": seed, "note": "random weights for I/O measurements (mlx_flash.bench.scale)",
                     "resident_bytes": g.resident_bytes},
         )
         cfg.save(tmp)
@@ -237,7 +237,7 @@ class ActivationProcess:
 
 def measure_process(proc: ActivationProcess, tokens: int, warmup: int = DEFAULT_WARMUP) -> dict:
     """Shares measured through NeuronCache (rows=None) over `tokens` tokens after `warmup`."""
-    from .neuron_cache import NeuronCache
+    from ..flash.neuron_cache import NeuronCache
 
     caches = [NeuronCache(proc.d_ff, proc.d_ff, proc.window) for _ in range(proc.n_layers)]
     pred = new = held = 0
@@ -268,10 +268,10 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     """Replay the process through NeuronCaches and a BundleReader into real buffers."""
     import mlx.core as mx
 
-    from .bench import CoalescingCache, NoReuseCache
-    from .bundle_reader import BundleBuffer, BundleReader
-    from .models.ffn import FFNSpec, bundle_ffn
-    from .neuron_cache import NeuronCache
+    from .rows import CoalescingCache, NoReuseCache
+    from ..flash.bundle_reader import BundleBuffer, BundleReader
+    from ..models.ffn import FFNSpec, bundle_ffn
+    from ..flash.neuron_cache import NeuronCache
 
     proc = ActivationProcess(cfg.d_ff, layers, seed=seed)
     exp = proc.expected
@@ -336,7 +336,7 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
 
 def run_hybrid(folder: Path, cfg: FlashConfig, layers: int, tokens: int, threads: int, progress=None) -> dict:
     """Whole layers with large direct reads into one shared buffer; per-layer means."""
-    from .bundle_reader import BundleBuffer, BundleReader
+    from ..flash.bundle_reader import BundleBuffer, BundleReader
 
     buf = BundleBuffer(cfg.d_ff, cfg.layout)
     io, nbytes, syscalls = 0.0, 0, 0
@@ -375,9 +375,9 @@ def per_token(r: dict, n_layers: int) -> dict:
 def scale_main(args) -> dict:
     from tqdm import tqdm
 
-    from .bench import PROBE_BYTES as BENCH_PROBE_BYTES
+    from .rows import PROBE_BYTES as BENCH_PROBE_BYTES
     from .probe import parse_size, probe_at, probe_disk
-    from .utils import models_dir
+    from ..sources import models_dir
 
     g = GEOMETRIES.get(args.scale)
     if g is None:
@@ -451,7 +451,7 @@ def scale_main(args) -> dict:
           f"(content {cfg.layout.nbytes} B); FFN {g.ffn_bytes / 1e9:.2f} GB + resident (computed, not written) "
           f"{g.resident_bytes / 1e9:.2f} GB; random weights, {cfg.n_layers} layers on disk")
     e = expected
-    print(f"activation sets: per-neuron Markov chains (mlx_flash.scale), targets 10% predicted, 2.4% new with a "
+    print(f"activation sets: per-neuron Markov chains (mlx_flash.bench.scale), targets 10% predicted, 2.4% new with a "
           f"window of 5; rho {e['rho']:.3f}; measured: {observed['predicted_share']:.2%} predicted, "
           f"{observed['new_share']:.2%} new, {observed['held_share']:.2%} held per token and layer")
     print(f"hybrid streams {streamed} of {g.n_layers} layers (the rest fit in half the model beside attention)"

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import FlashError
-from .flash_format import CONFIG_FILE
+from .format import CONFIG_FILE
 
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 

@@ -17,9 +17,9 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .errors import FlashError
+from ..errors import FlashError
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "data"  # mlx_flash/data
 CALIBRATION_TEXT = DATA / "calibration.txt"
 HELDOUT_TEXT = DATA / "heldout.txt"
 

@@ -38,11 +38,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .bundle_reader import BundleBuffer, BundleReader
+from .flash.bundle_reader import BundleBuffer, BundleReader
 from .errors import FlashError
-from .flash_ffn import FlashStats
-from .flash_format import BUNDLES_FILE, PAGE, FlashConfig, field_arrays, round_up
-from .flash_model import kv_bytes, model_bytes, parse_budget
+from .flash.ffn import FlashStats
+from .format import BUNDLES_FILE, PAGE, FlashConfig, field_arrays, round_up
+from .flash.budget import kv_bytes, model_bytes, parse_budget
 from .models.ffn import BundleFFN, FFNSpec, bundle_ffn
 
 KINDS = ("mmap", "hybrid")

@@ -18,9 +18,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .bundle_reader import BundleBuffer, BundleReader
-from .errors import FlashError
-from .flash_ffn import FlashFFN, FlashStats
-from .flash_format import RESIDENT_FILE, FlashConfig
+from ..errors import FlashError
+from .ffn import FlashFFN, FlashStats
+from ..format import RESIDENT_FILE, FlashConfig
 from .neuron_cache import NeuronCache
 from .predictor import load_predictors
 

@@ -31,8 +31,8 @@ from typing import Dict, Optional, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from .errors import FlashError
-from .flash_format import BUNDLES_FILE, BundleLayout, FlashConfig, field_arrays
+from ..errors import FlashError
+from ..format import BUNDLES_FILE, BundleLayout, FlashConfig, field_arrays
 
 BUFFER_ALIGN = 4096  # destination rows start on a page: enough for any disk's O_DIRECT
 MAX_CHUNK = 1 << 20  # split longer runs so threads share them (the paper: >= 32 KiB pays off)
