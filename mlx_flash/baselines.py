@@ -14,7 +14,7 @@ planned and reported (`BaselinePlan.total`), not part of that share:
   large sequential direct reads into one preallocated buffer (I/O), no copies.
 - `ResidentFFN`: a dense layer kept in DRAM (the resident half, and the dense row).
 
-All of them fill a `flash_ffn.FlashStats` with the same phases as `FlashFFN`
+All of them fill a `flash.ffn.FlashStats` with the same phases as `FlashFFN`
 (attention = everything computed since the previous FFN; I/O; memory
 management; FFN compute), so the benchmark's rows are comparable.
 
@@ -24,10 +24,6 @@ management; FFN compute), so the benchmark's rows are comparable.
     ctx.close()
 """
 
-import ctypes
-import mmap
-import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,81 +34,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .flash.bundle_reader import BundleBuffer, BundleReader
 from .errors import FlashError
+from .flash.budget import kv_bytes, model_bytes, working_bytes
+from .flash.bundle_reader import BundleBuffer, BundleReader
 from .flash.ffn import FlashStats
 from .format import BUNDLES_FILE, PAGE, FlashConfig, field_arrays, round_up
-from .flash.budget import kv_bytes, model_bytes, parse_budget
 from .models.ffn import BundleFFN, FFNSpec, bundle_ffn
+from .sizes import parse_budget
+from .system import MappedBundles, drop_cache, major_faults, readahead_bytes
 
 KINDS = ("mmap", "hybrid")
 DEFAULT_SHARE = 0.5  # the paper's baselines hold half of the model
 
 
 # MARK: - typed views over a (n, stride) MLX array of bundles
-
-
-# MARK: - the file as a memory map whose pages we can make cold
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-
-
-class MappedBundles:
-    """`ffn.bundles` mapped read-only; `evict` makes a range cold, `resident_bytes` counts
-    how much of it the page cache holds (mincore: page cache residency, mapped or not)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        os.fsync(self.fd)  # dirty pages (a model just written) would survive fadvise(DONTNEED)
-        self.size = os.fstat(self.fd).st_size
-        self.mm = mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
-        self.np = np.frombuffer(self.mm, dtype=np.uint8)  # (size,) zero-copy view of the mapping
-        self.address = self.np.ctypes.data
-        self._vec = np.zeros(round_up(self.size, PAGE) // PAGE, dtype=np.uint8)
-
-    def evict(self, offset: int = 0, length: Optional[int] = None):
-        """Drop the range from this mapping and from the page cache (both needed: a mapped
-        page is not dropped by fadvise, an unmapped cached page is not dropped by madvise)."""
-        length = self.size - offset if length is None else min(length, self.size - offset)
-        self.mm.madvise(mmap.MADV_DONTNEED, offset, length)
-        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-    def resident_bytes(self, offset: int = 0, length: Optional[int] = None) -> int:
-        length = self.size - offset if length is None else min(length, self.size - offset)
-        first, last = offset // PAGE, (offset + length + PAGE - 1) // PAGE
-        vec = self._vec[first:last]
-        if _libc.mincore(ctypes.c_void_p(self.address + first * PAGE), (last - first) * PAGE,
-                         vec.ctypes.data_as(ctypes.c_void_p)) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return int(np.count_nonzero(vec & 1)) * PAGE
-
-    def close(self):
-        if self.fd >= 0:
-            del self.np
-            try:
-                self.mm.close()
-            except BufferError:  # a view is still alive somewhere: the GC unmaps it later
-                pass
-            os.close(self.fd)
-            self.fd = -1
-
-
-def drop_cache(path: Path):
-    """Drop a file's clean pages from the page cache (after a buffered read of it), so that the next
-    reader finds them cold, and under a memory cgroup gets them charged to its own group."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def major_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
 @dataclass
@@ -249,42 +184,15 @@ class HybridFFN(_Timed):
         y = bundle_ffn(xs, self.spec, self.buffer.fields(), self.down_bias, self.cfg.quantization)
         mx.eval(y)  # before the next layer refills the buffer
         t2 = time.perf_counter()
-        last = self.reader.last
+        s.add_read(self.reader.last, self.reader.last.bytes_read, decode)
         if decode:
             s.io_s += t1 - t0
             s.ffn_s += t2 - t1
-            s.bytes_read += last.bytes_read
-            s.bytes_requested += last.bytes_requested
-            s.bundles += last.bundles
-            s.syscalls += last.syscalls
             s.resident += self.cfg.d_ff
-        else:
-            s.prompt_io_s += t1 - t0
-            s.prompt_bytes_read += last.bytes_read
         return y.reshape(x.shape)
 
 
 # MARK: - what stays resident, and attaching the providers
-
-
-def readahead_bytes(path: Path) -> int:
-    """The disk's readahead window (Linux): how far around a faulting page the kernel reads."""
-    try:
-        st = os.stat(path)
-        dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-        for rel in ("queue", "../queue"):
-            try:
-                return int(Path(f"{dev}/{rel}/read_ahead_kb").read_text()) * 1024
-            except (OSError, ValueError):
-                pass
-    except OSError:
-        pass
-    return 128 * 1024  # the kernel's default
-
-
-def working_bytes(cfg: FlashConfig) -> int:
-    """Logits of a token and a prompt chunk's activations (the same estimate as flash_model.plan)."""
-    return 2 * cfg.model_config["vocab_size"] * 4 + 64 * cfg.d_ff * 4 * 4
 
 
 @dataclass

@@ -24,7 +24,13 @@ from tqdm import tqdm
 
 from .errors import FlashError, cli
 from .format import (
-    BUNDLES_FILE, DEFAULT_ALIGNMENT, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up,
+    BUNDLES_FILE,
+    DEFAULT_ALIGNMENT,
+    PAGE,
+    RESIDENT_FILE,
+    BundleLayout,
+    FlashConfig,
+    round_up,
 )
 from .sources import build_model, copy_tokenizer, models_dir, read_source
 

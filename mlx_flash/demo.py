@@ -14,11 +14,11 @@ import sys
 
 from .convert import convert
 from .errors import cli
-from .generate import DEFAULT_PROMPT, stats_line, stream
 from .format import FlashConfig
+from .generate import DEFAULT_PROMPT, stats_line, stream
 from .load import is_flash_folder, load
-from .train_predictors import train
 from .sources import DEFAULT_MODEL, models_dir
+from .train_predictors import train
 
 # The built-in model's embedding and attention are ~45% of it and its SwiGLU FFN is barely sparse:
 # flash mode needs more memory than the model to stay within a few % of dense perplexity (README, Results).

@@ -19,8 +19,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .errors import FlashError, cli
-from .load import is_flash_folder, load_flash
 from .flash.sparsity import HELDOUT_TEXT, encode_long
+from .load import is_flash_folder, load_flash
 from .sources import load_tokenizer, resolve
 
 DEFAULT_TOKENS = 256

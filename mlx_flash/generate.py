@@ -111,17 +111,10 @@ def stats_line(r: Response) -> str:
     )
 
 
-def setup_arg_parser():
-    p = argparse.ArgumentParser(description="Generate text with an mlx-flash model.")
+def add_model_arguments(p):
+    """--model, --mode and the flash options: shared by generate and the server."""
     p.add_argument("--model", "-M", default=DEFAULT_MODEL,
                    help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s)")
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text, or - to read stdin")
-    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
-    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--system-prompt", default=None, help="system message when --chat is given")
     p.add_argument("--mode", choices=MODES, default="dense",
                    help="dense: all weights in memory; flash: FFN neurons streamed from disk")
     p.add_argument("--dram-budget", default=None,
@@ -130,6 +123,18 @@ def setup_arg_parser():
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
     p.add_argument("--recall", type=float, default=None,
                    help="flash mode: predictor recall level to run at (one of those calibrated; default 0.95)")
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Generate text with an mlx-flash model.")
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text, or - to read stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--system-prompt", default=None, help="system message when --chat is given")
     return p
 
 

@@ -18,9 +18,24 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import FlashError
-from .format import BUNDLES_FILE, CONFIG_FILE, RESIDENT_FILE, FlashConfig, field_arrays, layer_view
+from .flash.attach import attach_flash
+from .format import (
+    BUNDLES_FILE,
+    CONFIG_FILE,
+    RESIDENT_FILE,
+    FlashConfig,
+    field_arrays,
+    layer_view,
+)
 from .models.ffn import BundleFFN
-from .sources import build_model, load_tokenizer, model_class, quantize_like, read_source, resolve
+from .sources import (
+    build_model,
+    load_tokenizer,
+    model_class,
+    quantize_like,
+    read_source,
+    resolve,
+)
 
 MODES = ("dense", "flash")
 _DOWN_BIAS = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.bias$")
@@ -86,8 +101,6 @@ def load_flash(folder, mode: str = "dense", **flash_options):
     if mode == "dense":
         attach_dense(model, folder, cfg, down_bias)
     elif mode == "flash":
-        from .flash.budget import attach_flash
-
         attach_flash(model, folder, cfg, down_bias, **flash_options)
     else:
         raise FlashError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")

@@ -1,6 +1,36 @@
-"""`python -m mlx_flash.probe disk|window`: the disk probe and the windowing curve (mlx_flash.bench.probe)."""
+"""python -m mlx_flash.probe disk|window: the disk probe (paper Fig. 2b) and the windowing curve (Fig. 4).
 
-from .bench.probe import main
+    python -m mlx_flash.probe disk --model models/smollm2-135m [--chunks 4K:4M] [--threads 1,2,4,8,16,32]
+    python -m mlx_flash.probe window --model models/smollm2-135m [--windows 1:10] [--tokens 512]
+
+The measurements live in mlx_flash.bench.probe and mlx_flash.bench.windowing.
+"""
+
+import argparse
+from pathlib import Path
+
+from .bench import probe, windowing
+from .errors import FlashError, cli
+
+
+def setup_arg_parser():
+    p = argparse.ArgumentParser(prog="python -m mlx_flash.probe",
+                                description="Disk probe (paper Fig. 2b) and windowing curve (Fig. 4).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for s in (probe.add_parser(sub), windowing.add_parser(sub)):
+        s.add_argument("--json", default=None, help="write the results to this file")
+        s.add_argument("--plots", default=None, help="write a PNG into this folder")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
+    if not Path(args.model).is_dir():
+        raise FlashError(f"{args.model} is not a model folder")
+    return (probe if args.command == "disk" else windowing).run(args)
+
 
 if __name__ == "__main__":
     main()

@@ -34,9 +34,8 @@ from typing import Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
 from .errors import FlashError, cli
-from .generate import Response, StopFilter, flash_options, stream
-from .load import MODES, load
-from .sources import DEFAULT_MODEL
+from .generate import Response, StopFilter, add_model_arguments, flash_options, stream
+from .load import load
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -536,15 +535,7 @@ def model_id(model: str) -> str:
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Serve an mlx-flash model over an OpenAI-compatible HTTP API.")
-    p.add_argument("--model", "-M", default=DEFAULT_MODEL,
-                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default="dense",
-                   help="dense: all weights in memory; flash: FFN neurons streamed from disk")
-    p.add_argument("--dram-budget", default=None,
-                   help="flash mode: memory budget in bytes (e.g. 60M, 1.5G) or a fraction of the model (0.6)")
-    p.add_argument("--window", type=int, default=None, help="flash mode: tokens in the neuron window")
-    p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
-    p.add_argument("--recall", type=float, default=None, help="flash mode: predictor recall level")
+    add_model_arguments(p)
     p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,

@@ -95,7 +95,11 @@ def resolve(model: str) -> Path:
 def hub_download(repo_id: str) -> Path:
     """Download the files a model needs from the Hugging Face Hub (cached by huggingface_hub)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
     try:

@@ -20,10 +20,22 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FlashError, cli
+from .flash.predictor import (
+    default_ranks,
+    save_predictors,
+    train_layer,
+    window_union_sizes,
+)
+from .flash.sparsity import (
+    active_masks,
+    collect,
+    is_relu,
+    read_texts,
+    thresholds,
+    token_windows,
+)
 from .format import CONFIG_FILE, FlashConfig
 from .load import is_flash_folder, load_flash
-from .flash.predictor import default_ranks, save_predictors, train_layer, window_union_sizes
-from .flash.sparsity import active_masks, collect, is_relu, read_texts, thresholds, token_windows
 from .sources import load_tokenizer
 
 PREDICTORS_FILE = "predictors.safetensors"

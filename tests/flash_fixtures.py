@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_flash.flash.bundle_reader import _open_direct
+from mlx_flash.flash.bundle_reader import open_direct
 from mlx_flash.errors import FlashError
 from mlx_flash.format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
 
@@ -72,7 +72,7 @@ def direct_io_works(folder: Path) -> bool:
     probe = folder / "probe.bin"
     probe.write_bytes(os.urandom(PAGE))
     try:
-        fd = _open_direct(probe)
+        fd = open_direct(probe)
     except FlashError:
         return False
     try:

@@ -4,19 +4,18 @@ import json
 import sys
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flash_fixtures import direct_root  # noqa: F401  (fixture)
 from mlx_flash import bench
-from mlx_flash.bench import probe, scale
+from mlx_flash import probe as probe_cli
+from mlx_flash.bench import cgroup, probe, rows, scale, windowing
 from mlx_flash.flash.bundle_reader import BundleBuffer, BundleReader
 from mlx_flash.errors import FlashError
 from mlx_flash.format import BUNDLES_FILE, FlashConfig
-from mlx_flash.baselines import MappedBundles, plan_baseline, resident_param_bytes
-from mlx_flash.flash.neuron_cache import NeuronCache
+from mlx_flash.baselines import MappedBundles, resident_param_bytes
 
 FLASH = ("predictor", "windowing", "all")
 
@@ -84,7 +83,7 @@ def test_peak_memory_within_budget_and_quality_present(quick):
             continue
         for f in ("agreement", "perplexity", "perplexity_vs_dense", "ms_total", "tokens_per_s", "peak_bytes"):
             assert a[f] is not None, (k, f)
-        assert sum(a[f"ms_{p}"] for p in bench.PHASES) == pytest.approx(a["ms_total"], rel=1e-6)
+        assert sum(a[f"ms_{p}"] for p in rows.PHASES) == pytest.approx(a["ms_total"], rel=1e-6)
         if a["row"] != "dense":
             assert a["within_budget"] and a["peak_bytes"] <= budget, (k, a["peak_bytes"], budget)
     assert sum(a["fits"] for a in res["summary"].values()) == 4
@@ -121,36 +120,23 @@ def test_mapped_bundles_evict(tmp_path):
     m.close()
 
 
-def test_fill_gaps_and_caches():
-    new = np.array([1, 3, 10, 13])
-    cached = np.zeros(20, dtype=bool)
-    assert bench.fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 11, 12, 13]
-    cached[11] = True  # a cached neuron is never read twice
-    assert bench.fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 13]
-    assert bench.fill_gaps(new, 2, np.zeros(20, bool), 1).tolist() == [1, 2, 3, 10, 13]  # one spare row
-    c = bench.NoReuseCache(20, 10, 1)
+def test_no_reuse_cache():
+    c = rows.NoReuseCache(20, 10, 1)
     for _ in range(2):
         ids, start = c.step(np.array([2, 5, 7]))
         c.commit()
         assert ids.tolist() == [2, 5, 7] and start == 0
-    w = bench.CoalescingCache(20, 10, 2, None, gap=2)
-    ids, _ = w.step(np.array([1, 3]))
-    w.commit()
-    assert ids.tolist() == [1, 2, 3] and w.filled == 1
-    ids, _ = w.step(np.array([2, 3]))  # the filler stays because it is now predicted: nothing read
-    w.commit()
-    assert ids.tolist() == [] and sorted(w.resident.tolist()) == [1, 2, 3]
 
 
 def test_cgroup_failure_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys.modules[bench.make_cgroup.__module__], "cgroup_root", lambda: tmp_path / "missing" / "deeper")
+    monkeypatch.setattr(cgroup, "cgroup_root", lambda: tmp_path / "missing" / "deeper")
     with pytest.raises(FlashError, match="cannot create the memory cgroup"):
-        bench.make_cgroup()
+        cgroup.make_cgroup()
 
 
 def cgroup_usable() -> bool:
     try:
-        cg = bench.make_cgroup()
+        cg = cgroup.make_cgroup()
     except FlashError:
         return False
     cg.rmdir()
@@ -186,11 +172,11 @@ def test_probe_disk_small(direct_root):  # noqa: F811
 
 def test_probe_cli_and_windowing_curve(trained_flash, tmp_path, capsys):
     folder = trained_flash("opt_pre_ln")
-    probe.main(["disk", "--model", str(folder), "--chunks", "4K,16K", "--threads", "1,2", "--bytes", "128K",
+    probe_cli.main(["disk", "--model", str(folder), "--chunks", "4K,16K", "--threads", "1,2", "--bytes", "128K",
                 "--scratch", str(tmp_path / "scratch"), "--scratch-size", "1M", "--json", str(tmp_path / "d.json"),
                 "--quiet"])
     assert len(json.loads((tmp_path / "d.json").read_text())["points"]) == 4
-    probe.main(["window", "--model", str(folder), "--windows", "1:4", "--tokens", "256", "--seq-len", "64",
+    probe_cli.main(["window", "--model", str(folder), "--windows", "1:4", "--tokens", "256", "--seq-len", "64",
                 "--json", str(tmp_path / "w.json"), "--plots", str(tmp_path), "--quiet"])
     w = json.loads((tmp_path / "w.json").read_text())
     new = [p["new_share"] for p in w["points"]]
@@ -204,7 +190,7 @@ def test_probe_cli_and_windowing_curve(trained_flash, tmp_path, capsys):
 
 def test_window_curve_simple_sets():
     same = [np.tile(np.arange(16) < 4, (20, 1))]  # the same 4 of 16 neurons every token
-    c = probe.window_curve(same, 10, [1, 3])
+    c = windowing.window_curve(same, 10, [1, 3])
     assert all(p["new_share"] == 0 and p["held_share"] == 0.25 for p in c["points"])
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flash_fixtures import direct_root, write_flash_model  # noqa: F401 (fixture)
+from mlx_flash import system
 from mlx_flash.flash import bundle_reader as br
 from mlx_flash.flash.bundle_reader import BundleReader, alloc_buffer
 from mlx_flash.errors import FlashError
@@ -55,12 +56,10 @@ def test_read_exact_bytes_and_stats(model):
         assert r.stats.direct and r.fd >= 0
         for layer in range(cfg.n_layers):
             neurons = np.sort(rng.choice(cfg.d_ff, cfg.d_ff // 3, replace=False))
-            got_n, got_r = r.read(layer, neurons, buf, start_row=5)
-            np.testing.assert_array_equal(got_n, neurons)
-            np.testing.assert_array_equal(got_r, 5 + np.arange(len(neurons)))
+            r.read(layer, neurons, buf, start_row=5)
             np.testing.assert_array_equal(buf.np[5 : 5 + len(neurons)], bundles[layer, neurons])
             s = r.last
-            assert s.bytes_read == s.bytes_requested == len(neurons) * cfg.layout.stride
+            assert s.bytes_read == len(neurons) * cfg.layout.stride
             assert s.syscalls == runs(neurons)  # one preadv per run of consecutive neurons
         assert r.stats.calls == cfg.n_layers
         assert r.stats.bytes_read == cfg.n_layers * (cfg.d_ff // 3) * cfg.layout.stride
@@ -109,29 +108,6 @@ def test_explicit_rows(f16):
     np.testing.assert_array_equal(buf.np[rows], bundles[0, neurons])
 
 
-def test_gap_filling(f16):
-    folder, cfg, bundles = f16
-    stride = cfg.layout.stride
-    buf = alloc_buffer(64, cfg.layout)
-    with BundleReader(folder, cfg, threads=4, coalesce_gap=7) as r:
-        got_n, got_r = r.read(0, [0, 1, 2, 10, 11, 50], buf, start_row=3)
-        np.testing.assert_array_equal(got_n, list(range(12)) + [50])
-        np.testing.assert_array_equal(got_r, np.arange(3, 16))
-        np.testing.assert_array_equal(buf.np[got_r], bundles[0, got_n])
-        assert r.last.syscalls == 2
-        assert (r.last.bytes_requested, r.last.bytes_read) == (6 * stride, 13 * stride)
-        # only as many fillers as there are free rows: 8 rows, 2 needed, 6 spare
-        small = alloc_buffer(8, cfg.layout)
-        got_n, _ = r.read(0, [0, 5, 12], small)
-        np.testing.assert_array_equal(got_n, [0, 1, 2, 3, 4, 5, 12])
-        got_n, _ = r.read(0, [0, 5], small, start_row=4)  # 2 spare rows: gap of 4 stays
-        np.testing.assert_array_equal(got_n, [0, 5])
-        got_n, _ = r.read(0, [0, 1, 2, 4], small, coalesce_gap=0)  # per-call override
-        np.testing.assert_array_equal(got_n, [0, 1, 2, 4])
-        with pytest.raises(ValueError, match="sorted"):
-            r.read(0, [5, 0], small)
-
-
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_random_reads(f16, data):
@@ -139,17 +115,14 @@ def test_random_reads(f16, data):
     k = data.draw(st.integers(1, cfg.d_ff))
     neurons = np.sort(np.array(data.draw(st.lists(st.integers(0, cfg.d_ff - 1), min_size=k, max_size=k,
                                                   unique=True)), dtype=np.int64))
-    gap = data.draw(st.integers(0, 5))
     start = data.draw(st.integers(0, 16))
     threads = data.draw(st.sampled_from([1, 2, 7, 32]))
     layer = data.draw(st.integers(0, cfg.n_layers - 1))
     buf = alloc_buffer(cfg.d_ff + 16, cfg.layout)
     with BundleReader(folder, cfg, threads=threads, max_chunk=3 * cfg.layout.stride) as r:
-        got_n, got_r = r.read(layer, neurons, buf, start_row=start, coalesce_gap=gap)
-    assert set(neurons) <= set(got_n.tolist()) and np.all(np.diff(got_n) > 0)
-    np.testing.assert_array_equal(got_r, start + np.arange(len(got_n)))
-    np.testing.assert_array_equal(buf.np[got_r], bundles[layer, got_n])
-    assert r.last.bytes_read == len(got_n) * cfg.layout.stride
+        r.read(layer, neurons, buf, start_row=start)
+    np.testing.assert_array_equal(buf.np[start : start + k], bundles[layer, neurons])
+    assert r.last.bytes_read == k * cfg.layout.stride
 
 
 def test_read_layer_all(f16):
@@ -293,7 +266,7 @@ def test_truncated_file(direct_root):
 
 def test_memory_filesystem_refused(tmp_path):
     shm = Path("/dev/shm")
-    if not sys.platform.startswith("linux") or br.filesystem_type(shm) not in br.MEMORY_FILESYSTEMS:
+    if not sys.platform.startswith("linux") or system.filesystem_type(shm) not in system.MEMORY_FILESYSTEMS:
         pytest.skip("no tmpfs at /dev/shm")
     folder = Path(tempfile.mkdtemp(dir=shm))
     try:
@@ -319,7 +292,7 @@ def test_block_size_must_divide_alignment(f16, monkeypatch):
 
 def test_logical_block_size_of_this_disk(f16):
     folder, _, _ = f16
-    bs = br.logical_block_size(folder / BUNDLES_FILE)
+    bs = system.logical_block_size(folder / BUNDLES_FILE)
     assert bs in (512, 1024, 2048, 4096)
 
 

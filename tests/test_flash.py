@@ -1,7 +1,6 @@
 """Flash mode on tiny models: exactness with an oracle, bytes read, fixed buffers, budget, corruption."""
 
 import gc
-import json
 import shutil
 import subprocess
 import sys

@@ -12,7 +12,7 @@ from flash_fixtures import direct_root, write_flash_model  # noqa: F401 (fixture
 from mlx_flash.flash.bundle_reader import BundleReader, alloc_buffer
 from mlx_flash.errors import FlashError
 from mlx_flash.format import BUNDLES_FILE, BundleLayout
-from mlx_flash.flash.neuron_cache import NeuronCache, load_active
+from mlx_flash.flash.neuron_cache import NeuronCache, fill_gaps, load_active
 
 ROW = 8  # bytes per row in the bookkeeping tests: (neuron id, ~neuron id) as int32
 
@@ -134,6 +134,25 @@ def test_window_shrinks_oldest_first_and_truncates():
     assert cache.stats.truncations == 1 and cache.window_tokens == 1 and cache.n == 5
 
 
+def test_coalescing_reads_gaps_once():
+    new = np.array([1, 3, 10, 13])
+    cached = np.zeros(20, dtype=bool)
+    assert fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 11, 12, 13]
+    cached[11] = True  # a cached neuron is never read twice
+    assert fill_gaps(new, 2, cached, 100).tolist() == [1, 2, 3, 10, 13]
+    assert fill_gaps(new, 2, np.zeros(20, bool), 1).tolist() == [1, 2, 3, 10, 13]  # one spare row
+    w = NeuronCache(20, 10, 2, coalesce_gap=2)
+    ids, _ = w.step(np.array([1, 3]))
+    w.commit()
+    assert ids.tolist() == [1, 2, 3] and w.stats.filled == 1
+    ids, _ = w.step(np.array([2, 3]))  # the filler stays because it is now predicted: nothing read
+    w.commit()
+    assert ids.tolist() == [] and sorted(w.resident.tolist()) == [1, 2, 3]
+    ids, _ = w.step(np.array([7]))  # 1 left the window (it was only in the first token's set)
+    w.commit()
+    assert ids.tolist() == [7] and sorted(w.resident.tolist()) == [2, 3, 7]
+
+
 def test_step_requires_commit_or_abort():
     cache = NeuronCache(d_ff=10, slots=4, window=2)
     cache.step(np.array([1]))
@@ -158,7 +177,7 @@ def test_with_reader_end_to_end(direct_root):
             for layer in range(cfg.n_layers):
                 hot = rng.choice(40, 8, replace=False)  # overlapping tokens, a few cold ones
                 active = np.r_[hot, rng.choice(cfg.d_ff, 6, replace=False)]
-                n = load_active(caches[layer], reader, layer, bufs[layer], active)
+                n = load_active(caches[layer], reader, layer, bufs[layer], active).n
                 res = caches[layer].resident
                 np.testing.assert_array_equal(bufs[layer].np[:n], bundles[layer, res])
                 up = bufs[layer].fields(n)["up"]  # (n, d_model) view, computed on in place

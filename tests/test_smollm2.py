@@ -7,7 +7,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models import llama as mlx_lm_llama
-from mlx_lm.sample_utils import make_sampler
 
 from mlx_flash.generate import stream
 from mlx_flash.load import load

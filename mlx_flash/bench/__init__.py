@@ -3,7 +3,19 @@
     python -m mlx_flash.bench --model models/smollm2-135m --dram-budget min   (rows against naive mmap)
     python -m mlx_flash.bench --scale opt-6.7b                                (synthetic, at real size)
     python -m mlx_flash.probe disk|window --model models/smollm2-135m         (Figures 2b and 4)
+
+`rows` runs the rows, `report` summarizes and prints them, `cgroup` runs them under a
+memory limit, `scale` is the synthetic model at real size, `probe` and `windowing`
+are the disk probe and the windowing curve.
 """
 
-from .rows import *  # noqa: F401,F403  (interim: split into rows, report, cgroup next)
-from .rows import main  # noqa: F401
+from ..flash.budget import DEFAULT_THREADS  # noqa: F401
+from .report import summarize, table, targets  # noqa: F401
+from .rows import FLASH_ROWS, PHASE_LABELS, PHASES, QUICK, ROWS, key, load_setup, resolve_budgets, run_all  # noqa: F401
+
+
+def main(argv=None):
+    """`python -m mlx_flash.bench` as a function (tests, notebooks, the cgroup child)."""
+    from .__main__ import main as bench_main
+
+    return bench_main(argv)

@@ -37,7 +37,7 @@ When --layers is below the geometry's, per-token figures are per-layer means
 times the full model's layer count (said so in the output).
 """
 
-import json
+import argparse
 import math
 import shutil
 import time
@@ -268,10 +268,10 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     """Replay the process through NeuronCaches and a BundleReader into real buffers."""
     import mlx.core as mx
 
-    from .rows import CoalescingCache, NoReuseCache
     from ..flash.bundle_reader import BundleBuffer, BundleReader
+    from ..flash.neuron_cache import NeuronCache, load_active
     from ..models.ffn import FFNSpec, bundle_ffn
-    from ..flash.neuron_cache import NeuronCache
+    from .rows import NoReuseCache
 
     proc = ActivationProcess(cfg.d_ff, layers, seed=seed)
     exp = proc.expected
@@ -281,10 +281,9 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     bufs = [BundleBuffer(slots, cfg.layout) for _ in range(layers)]
     if row == "predictor":
         caches = [NoReuseCache(cfg.d_ff, slots, 1, rows=b.np) for b in bufs]
-    elif row == "all":
-        caches = [CoalescingCache(cfg.d_ff, slots, window, b.np, gap) for b in bufs]
     else:
-        caches = [NeuronCache(cfg.d_ff, slots, window, rows=b.np) for b in bufs]
+        caches = [NeuronCache(cfg.d_ff, slots, window, rows=b.np, coalesce_gap=gap if row == "all" else 0)
+                  for b in bufs]
     spec = FFNSpec(cfg.d_model, cfg.d_ff, cfg.glu, cfg.bias, cfg.activation)
     x = mx.random.normal((1, cfg.d_model)).astype(mx.float16) if compute else None
     io = mem = comp = 0.0
@@ -296,19 +295,14 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
             for l in range(layers):
                 c = caches[l]
                 shrinks0 = c.stats.window_shrinks
-                t0 = time.perf_counter()
-                new, start = c.step(sets[l])
-                t1 = time.perf_counter()
-                reader.read(l, new, bufs[l], start_row=start, coalesce_gap=0)
-                t2 = time.perf_counter()
-                c.commit()
+                step = load_active(c, reader, l, bufs[l], sets[l])
                 t3 = time.perf_counter()
                 if compute:
                     mx.eval(bundle_ffn(x, spec, bufs[l].fields(c.n), None))
                 t4 = time.perf_counter()
                 if timed:
-                    io += t2 - t1
-                    mem += (t1 - t0) + (t3 - t2)
+                    io += step.io_s
+                    mem += step.memory_s
                     comp += t4 - t3
                     nbytes += reader.last.bytes_read
                     syscalls += reader.last.syscalls
@@ -319,7 +313,7 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
             if progress is not None:
                 progress.update(1)
     per_layer = lambda v: v / tokens / layers
-    filled = sum(getattr(c, "filled", 0) for c in caches)
+    filled = sum(c.stats.filled for c in caches)
     return {
         "row": row, "layers": layers, "tokens": tokens, "warmup": warmup, "threads": threads, "slots": slots,
         "window": window, "coalesce_gap": gap if row == "all" else 0,
@@ -372,12 +366,34 @@ def per_token(r: dict, n_layers: int) -> dict:
 # MARK: - the command
 
 
-def scale_main(args) -> dict:
+def setup_arg_parser():
+    from .cli import add_common_arguments
+
+    p = argparse.ArgumentParser(prog="python -m mlx_flash.bench",
+                                description="Flash I/O and memory management at real size, on a synthetic model.")
+    p.add_argument("--scale", required=True, help=f"geometry: {', '.join(GEOMETRIES)}")
+    p.add_argument("--scale-dir", default=None, help="where the synthetic model is written (default: models/)")
+    p.add_argument("--layers", type=int, default=None, help="layers written and measured (default: all)")
+    p.add_argument("--tokens", type=int, default=None, help=f"tokens replayed per flash row (default {DEFAULT_TOKENS})")
+    p.add_argument("--hybrid-tokens", type=int, default=None,
+                   help=f"tokens of the hybrid row (default {DEFAULT_HYBRID_TOKENS})")
+    p.add_argument("--compute", action="store_true", help="also time the FFN compute (random input)")
+    add_common_arguments(p, SYNTHETIC_ROWS, PROBE_BYTES)
+    return p
+
+
+def run(argv) -> dict:
+    """`python -m mlx_flash.bench --scale ...` (errors are reported by the bench command's wrapper)."""
     from tqdm import tqdm
 
-    from .rows import PROBE_BYTES as BENCH_PROBE_BYTES
-    from .probe import parse_size, probe_at, probe_disk
+    from ..sizes import parse_size
     from ..sources import models_dir
+    from .cli import write_outputs
+    from .probe import probe_at, probe_disk
+
+    args = setup_arg_parser().parse_args(argv)
+    if args.quick and not any(a.startswith("--probe-bytes") for a in argv):
+        args.probe_bytes = str(1 << 20)
 
     g = GEOMETRIES.get(args.scale)
     if g is None:
@@ -437,8 +453,7 @@ def scale_main(args) -> dict:
     probe = None
     if not args.no_probe:
         wanted = sorted({max(512, int(round(r["mean_read_bytes"] / 512)) * 512) for r in results.values()})
-        nbytes = PROBE_BYTES if args.probe_bytes == str(BENCH_PROBE_BYTES) else parse_size(args.probe_bytes)
-        probe = probe_disk(folder / BUNDLES_FILE, wanted, [args.threads], nbytes, progress=progress,
+        probe = probe_disk(folder / BUNDLES_FILE, wanted, [args.threads], parse_size(args.probe_bytes), progress=progress,
                            rounds=1 if args.quick else 3)
         for r in results.values():
             gb = probe_at(probe, r["mean_read_bytes"], args.threads)
@@ -503,34 +518,19 @@ def scale_main(args) -> dict:
                        "observed": observed},
            "coalescing": gap_info, "rows": results, "probe": probe, "targets": checks,
            "seconds": time.time() - t_start}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    if args.plots:
-        d = Path(args.plots)
-        d.mkdir(parents=True, exist_ok=True)
-        plot_scale(results, g, d / "scale_breakdown.png")
+    write_outputs(out, args.json, args.plots, lambda d: plot_scale(results, g, d / "scale_breakdown.png"))
     return out
 
 
 def plot_scale(results: Dict[str, dict], g: Geometry, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .cli import figure
 
     names = list(results)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    bottom = np.zeros(len(names))
-    for k, label, color in (("ms_io", "flash I/O", "#d62728"), ("ms_memory", "memory management", "#ff7f0e"),
-                            ("ms_compute", "FFN compute", "#2ca02c")):
-        vals = np.array([results[n][k] or 0.0 for n in names])
-        ax.bar(names, vals, bottom=bottom, label=label, color=color)
-        bottom += vals
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per token (log)")
-    ax.set_title(f"SYNTHETIC {g.name}: I/O and memory per token", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, f"SYNTHETIC {g.name}: I/O and memory per token", "ms per token (log)", grid=False) as ax:
+        bottom = np.zeros(len(names))
+        for k, label, color in (("ms_io", "flash I/O", "#d62728"), ("ms_memory", "memory management", "#ff7f0e"),
+                                ("ms_compute", "FFN compute", "#2ca02c")):
+            vals = np.array([results[n][k] or 0.0 for n in names])
+            ax.bar(names, vals, bottom=bottom, label=label, color=color)
+            bottom += vals
+        ax.set_yscale("log")

@@ -20,25 +20,23 @@ explicit opt-out. Every bundle carries a CRC-32, checked right after its read.
 
 import errno
 import os
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
 from ..errors import FlashError
 from ..format import BUNDLES_FILE, BundleLayout, FlashConfig, field_arrays
+from ..system import logical_block_size, open_direct
 
 BUFFER_ALIGN = 4096  # destination rows start on a page: enough for any disk's O_DIRECT
 MAX_CHUNK = 1 << 20  # split longer runs so threads share them (the paper: >= 32 KiB pays off)
 LAYER_CHUNK = 4 << 20  # read_layer_all: large sequential reads
-F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module lacks it before 3.13
-MEMORY_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 _EAGAIN_RETRIES = 1000
 
 
@@ -78,7 +76,7 @@ class BundleBuffer:
         return self.fields(n)[name]
 
     def fields(self, n: Optional[int] = None) -> Dict:
-        """Typed MLX views of every bundle field over rows [0, n): no copy (flash_format.field_arrays)."""
+        """Typed MLX views of every bundle field over rows [0, n): no copy (format.field_arrays)."""
         return field_arrays(self.mx if n is None else self.mx[:n], self.layout)
 
 
@@ -96,8 +94,7 @@ class ReadStats:
     direct: bool = True  # page cache bypassed (False only when asked for)
     calls: int = 0  # read() / read_layer_all() calls
     bundles: int = 0  # bundles asked for
-    bytes_requested: int = 0  # bundles asked for x stride
-    bytes_read: int = 0  # bytes fetched, gap-filled bundles included
+    bytes_read: int = 0  # bundles x stride
     syscalls: int = 0  # preadv calls, retries included
     seconds: float = 0.0  # wall time inside the read calls (I/O and CRC)
 
@@ -109,77 +106,12 @@ class ReadStats:
         return replace(self)
 
     def add(self, other: "ReadStats"):
-        for k in ("calls", "bundles", "bytes_requested", "bytes_read", "syscalls", "seconds"):
+        for k in ("calls", "bundles", "bytes_read", "syscalls", "seconds"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
-
-
-# MARK: - where direct I/O can be had
-
-
-def logical_block_size(path) -> int:
-    """The disk's logical block size: the unit of O_DIRECT offsets and lengths.
-
-    st_blksize and statvfs give the filesystem's preferred I/O size, not this.
-    """
-    st = os.stat(path)
-    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    for rel in ("queue", "../queue"):  # a whole disk, or a partition of one
-        try:
-            with open(f"{dev}/{rel}/logical_block_size") as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            pass
-    return 512
-
-
-def filesystem_type(path) -> Optional[str]:
-    """Linux: the type of the filesystem holding `path` (from /proc/self/mountinfo)."""
-    st = os.stat(path)
-    key = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[2] == key and "-" in parts:
-                    return parts[parts.index("-") + 1]
-    except OSError:
-        pass
-    return None
-
-
-def _open_direct(path: Path) -> int:
-    """Open for reads that bypass the page cache, or raise FlashError saying why not."""
-    if sys.platform.startswith("linux"):
-        fs = filesystem_type(path)
-        if fs in MEMORY_FILESYSTEMS:  # recent kernels accept O_DIRECT there: it would read DRAM
-            raise FlashError(
-                f"{path} is on {fs}, a filesystem in memory, so direct reads would not come from "
-                f"a disk: put the model on an SSD, or pass direct=False to read through the page cache"
-            )
-        try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise FlashError(f"cannot open {path}: {e.strerror}")
-            raise FlashError(
-                f"the filesystem holding {path} refuses direct I/O (O_DIRECT): put the model on "
-                f"another disk, or pass direct=False to read through the page cache"
-            )
-    if sys.platform == "darwin":
-        import fcntl
-
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", F_NOCACHE), 1)
-        except OSError as e:
-            os.close(fd)
-            raise FlashError(f"cannot bypass the page cache for {path} (F_NOCACHE: {e.strerror})")
-        return fd
-    raise FlashError(f"direct reads are not supported on {sys.platform}: pass direct=False")
 
 
 # MARK: - the reader
@@ -190,17 +122,15 @@ class BundleReader:
 
     Neurons whose bundles are adjacent on disk and whose destination rows are
     adjacent become one read (the neuron cache appends new neurons in ascending
-    order, so this is the common case); `coalesce_gap` > 0 also reads up to that
-    many absent neurons between two requested ones to make longer reads, and the
-    caller gets back which neurons landed in which rows.
+    order, so this is the common case; its coalescing makes it commoner).
     """
 
     def __init__(self, path, cfg: FlashConfig, threads: int = 32, direct: bool = True,
-                 coalesce_gap: int = 0, verify: bool = True, max_chunk: int = MAX_CHUNK):
+                 verify: bool = True, max_chunk: int = MAX_CHUNK):
         path = Path(path)
         self.path = path / BUNDLES_FILE if path.is_dir() else path
         self.cfg, self.layout = cfg, cfg.layout
-        self.threads, self.coalesce_gap, self.verify = max(1, threads), coalesce_gap, verify
+        self.threads, self.verify = max(1, threads), verify
         self.chunk_bundles = max(1, max_chunk // self.layout.stride)
         if not self.path.is_file():
             raise FlashError(f"{self.path} is missing")
@@ -217,7 +147,7 @@ class BundleReader:
                     f"{self.path} was converted with {self.layout.alignment}-byte bundle alignment but "
                     f"its disk reads in {block}-byte blocks: reconvert with --alignment {max(block, 4096)}"
                 )
-            self.fd = _open_direct(self.path)
+            self.fd = open_direct(self.path)
         else:
             try:
                 self.fd = os.open(self.path, os.O_RDONLY)
@@ -231,27 +161,17 @@ class BundleReader:
     # -- public API
 
     def read(self, layer: int, neurons: np.ndarray, dest: Union[BundleBuffer, np.ndarray],
-             start_row: int = 0, rows: Optional[np.ndarray] = None,
-             coalesce_gap: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Read bundle neurons[k] of `layer` into dest row start_row + k (or rows[k]).
-
-        Returns (neurons, rows) as loaded: the input unless gap filling added neurons
-        (then rows are start_row .. start_row + len(neurons) - 1, in neuron order).
-        """
-        gap = self.coalesce_gap if coalesce_gap is None else coalesce_gap
+             start_row: int = 0, rows: Optional[np.ndarray] = None):
+        """Read bundle neurons[k] of `layer` into dest row start_row + k (or rows[k])."""
         buf = self._dest(dest)
         neurons = np.asarray(neurons, dtype=np.int64).ravel()
-        requested = len(neurons)
         if rows is None:
-            if gap > 0 and len(neurons) > 1:
-                neurons = self._fill_gaps(neurons, gap, spare=len(buf) - start_row - len(neurons))
             rows = np.arange(start_row, start_row + len(neurons), dtype=np.int64)
         else:
-            assert gap == 0, "gap filling needs consecutive destination rows (start_row)"
             rows = np.asarray(rows, dtype=np.int64).ravel()
             assert len(rows) == len(neurons)
         self._check(layer, neurons, rows, len(buf))
-        return self._run(layer, neurons, rows, buf, self.chunk_bundles, requested)
+        self._run(layer, neurons, rows, buf, self.chunk_bundles)
 
     def read_layer_all(self, layer: int, dest: Union[BundleBuffer, np.ndarray],
                        chunk_bytes: int = LAYER_CHUNK):
@@ -259,7 +179,7 @@ class BundleReader:
         buf = self._dest(dest)
         neurons = np.arange(self.cfg.d_ff, dtype=np.int64)
         self._check(layer, neurons, neurons, len(buf))
-        self._run(layer, neurons, neurons, buf, max(1, chunk_bytes // self.layout.stride), len(neurons))
+        self._run(layer, neurons, neurons, buf, max(1, chunk_bytes // self.layout.stride))
 
     def close(self):
         if self.fd >= 0:
@@ -297,25 +217,11 @@ class BundleReader:
         if len(rows) and (rows.min() < 0 or rows.max() >= capacity):
             raise IndexError(f"destination rows out of range [0, {capacity})")
 
-    @staticmethod
-    def _fill_gaps(neurons: np.ndarray, gap: int, spare: int) -> np.ndarray:
-        """Insert the absent neurons of gaps <= gap (left to right while rows remain)."""
-        if np.any(np.diff(neurons) <= 0):
-            raise ValueError("coalesce_gap needs neurons sorted ascending without repeats")
-        missing = np.diff(neurons) - 1  # (len-1,) absent neurons after neurons[k]
-        fill = (missing > 0) & (missing <= gap)
-        fill &= np.cumsum(np.where(fill, missing, 0)) <= max(spare, 0)
-        extra = np.append(np.where(fill, missing, 0), 0)  # (len,)
-        reps = extra + 1
-        first = np.repeat(np.cumsum(reps) - reps, reps)  # position of each group's head
-        return np.repeat(neurons, reps) + (np.arange(reps.sum()) - first)
-
-    def _run(self, layer, neurons, rows, buf, chunk_bundles, requested):
+    def _run(self, layer, neurons, rows, buf, chunk_bundles):
         """Split into runs (consecutive on disk and in rows), runs into chunks; read them."""
         t0 = time.perf_counter()
         stride = self.layout.stride
-        call = ReadStats(direct=self.direct, calls=1, bundles=requested,
-                         bytes_requested=requested * stride, bytes_read=len(neurons) * stride)
+        call = ReadStats(direct=self.direct, calls=1, bundles=len(neurons), bytes_read=len(neurons) * stride)
         if len(neurons):
             brk = np.flatnonzero((np.diff(neurons) != 1) | (np.diff(rows) != 1)) + 1
             starts = np.concatenate([[0], brk])  # (runs,) index of each run's first neuron
@@ -339,7 +245,6 @@ class BundleReader:
         call.seconds = time.perf_counter() - t0
         self.last = call
         self.stats.add(call)
-        return neurons, rows
 
     def _read_chunks(self, layer: int, chunks, buf: np.ndarray) -> int:
         """Worker: read each (first neuron, first row, bundles) chunk fully, then check CRCs.

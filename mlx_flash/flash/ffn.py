@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..models.ffn import FFNSpec, bundle_ffn
+from .neuron_cache import load_active
 
 
 @dataclass
@@ -51,6 +52,17 @@ class FlashStats:
     truncations: int = 0
     prompt_io_s: float = 0.0
     prompt_bytes_read: int = 0
+
+    def add_read(self, last, requested: int, decode: bool):
+        """Count one read call (a ReadStats); `requested`: bytes the caller needed, fillers excluded."""
+        if decode:
+            self.bytes_read += last.bytes_read
+            self.bytes_requested += requested
+            self.bundles += last.bundles
+            self.syscalls += last.syscalls
+        else:
+            self.prompt_io_s += last.seconds
+            self.prompt_bytes_read += last.bytes_read
 
     def reset(self):
         for f in fields(self):
@@ -135,19 +147,11 @@ class FlashFFN(nn.Module):
             active = np.flatnonzero(pred[a:b].any(axis=0))
             if len(active) > self.cache.slots:  # best first, for the cache's truncation
                 active = active[np.argsort(-scores[a:b, active].max(axis=0), kind="stable")]
-            t3 = time.perf_counter()
             moved0, shrinks0, trunc0 = self.cache.stats.bytes_moved, self.cache.stats.window_shrinks, \
                 self.cache.stats.truncations
-            new, start = self.cache.step(active)
-            t4 = time.perf_counter()
-            try:
-                self.reader.read(self.layer, new, self.buffer, start_row=start, coalesce_gap=0)
-            except BaseException:
-                self.cache.abort()
-                raise
-            self.cache.commit()
+            step = load_active(self.cache, self.reader, self.layer, self.buffer, active)
             t5 = time.perf_counter()
-            n = self.cache.n
+            n = step.n
             if n:
                 y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
             else:  # nothing predicted: MLX's quantized kernels cannot take zero rows
@@ -155,21 +159,14 @@ class FlashFFN(nn.Module):
             mx.eval(y)  # before the next step moves or refills these rows
             t6 = time.perf_counter()
             outs.append(y)
-            last = self.reader.last
+            s.add_read(self.reader.last, (step.new - step.filled) * self.buffer.layout.stride, decode)
             if decode:
-                s.memory_s += t4 - t3
-                s.io_s += t5 - t4
+                s.memory_s += step.memory_s
+                s.io_s += step.io_s
                 s.ffn_s += t6 - t5
-                s.bytes_read += last.bytes_read
-                s.bytes_requested += last.bytes_requested
-                s.bundles += last.bundles
-                s.syscalls += last.syscalls
                 s.resident += n
                 s.bytes_moved += self.cache.stats.bytes_moved - moved0
                 s.window_shrinks += self.cache.stats.window_shrinks - shrinks0
                 s.truncations += self.cache.stats.truncations - trunc0
-            else:
-                s.prompt_io_s += t5 - t4
-                s.prompt_bytes_read += last.bytes_read
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return y.reshape(shape)

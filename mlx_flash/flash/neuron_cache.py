@@ -10,7 +10,8 @@ it are dropped. The paper's memory management, which this class implements:
 - delete: copy the last occupied rows into the freed slots (n shrinks);
 - insert: append the new neurons at rows [n, n + m), read there by the caller.
 
-The cache does no I/O itself. One token of one layer goes:
+The cache does no I/O itself. One token of one layer goes through `load_active`,
+the one place the window protocol is written (the runtime and the benchmark use it):
 
     new, start = cache.step(active)           # evicts, reserves rows [start, start + m)
     try:
@@ -20,11 +21,16 @@ The cache does no I/O itself. One token of one layer goes:
         raise
     cache.commit()                            # rows [0, cache.n) now hold these neurons
 
-which `load_active` does. A neuron enters the maps only at commit(), after its
-bytes have arrived, so a failed read never leaves garbage weights behind a valid id.
-MLX is lazy: evaluate the layer's output before the next step() moves its rows.
+A neuron enters the maps only at commit(), after its bytes have arrived, so a failed
+read never leaves garbage weights behind a valid id. MLX is lazy: evaluate the
+layer's output before the next step() moves its rows.
+
+Coalescing (`coalesce_gap` > 0): new neurons at most that many apart are read as one
+run, the absent neurons between them coming along (computed on, and kept only if a
+later token predicts them); longer reads pay off where the disk favours them.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
@@ -40,9 +46,10 @@ class CacheStats:
     truncations: int = 0  # steps whose own active set exceeded the slots
     new_neurons: int = 0  # neurons appended (to be read from flash), all steps
     evicted: int = 0  # neurons deleted, all steps
+    filled: int = 0  # absent neurons read along by coalescing, all steps
     rows_moved: int = 0  # rows copied to fill holes (the paper's memory-management cost)
     bytes_moved: int = 0
-    last_new: int = 0  # neurons appended by the latest step
+    last_new: int = 0  # neurons appended by the latest step (fillers included)
     occupancy: float = 0.0  # n / slots after the latest commit
 
     def reset(self):
@@ -59,10 +66,11 @@ class NeuronCache:
     rows move with their neurons. None keeps only the bookkeeping (simulations).
     """
 
-    def __init__(self, d_ff: int, slots: int, window: int = 5, rows: Optional[np.ndarray] = None):
-        assert slots > 0 and window > 0
+    def __init__(self, d_ff: int, slots: int, window: int = 5, rows: Optional[np.ndarray] = None,
+                 coalesce_gap: int = 0):
+        assert slots > 0 and window > 0 and coalesce_gap >= 0
         assert rows is None or len(rows) >= slots
-        self.d_ff, self.slots, self.window = d_ff, slots, window
+        self.d_ff, self.slots, self.window, self.coalesce_gap = d_ff, slots, window, coalesce_gap
         self.rows = rows
         # rows move as 8-byte words: numpy's fancy-index copy is ~4x faster than byte by byte
         self._words = rows.view(np.uint64) if rows is not None and rows.shape[1] % 8 == 0 \
@@ -132,6 +140,10 @@ class NeuronCache:
                 self.stats.tokens_dropped += 1
         self._evict()
         new = np.flatnonzero((self._count > 0) & (self.neuron_to_slot < 0))
+        if self.coalesce_gap and len(new) > 1:
+            full = fill_gaps(new, self.coalesce_gap, self.neuron_to_slot >= 0, self.slots - self.n - len(new))
+            self.stats.filled += len(full) - len(new)
+            new = full
         assert self.n + len(new) <= self.slots
         self._pending = (new, self.n)
         self.stats.steps += 1
@@ -190,13 +202,43 @@ class NeuronCache:
         return self.neuron_to_slot[np.asarray(neurons)]
 
 
-def load_active(cache: NeuronCache, reader, layer: int, dest, active: np.ndarray) -> int:
-    """One token of one layer: window step, read the new bundles, commit. Returns n."""
+def fill_gaps(new: np.ndarray, gap: int, cached: np.ndarray, spare: int) -> np.ndarray:
+    """`new` (sorted) plus the absent neurons of every gap of <= gap neurons none of which is cached
+    (a cached one would be read twice), left to right while `spare` rows remain."""
+    missing = np.diff(new) - 1  # (m-1,) neurons between consecutive new ones
+    cs = np.concatenate([[0], np.cumsum(cached, dtype=np.int64)])  # cs[i]: cached among [0, i)
+    cached_between = cs[new[1:]] - cs[new[:-1] + 1]
+    fill = (missing > 0) & (missing <= gap) & (cached_between == 0)
+    fill &= np.cumsum(np.where(fill, missing, 0)) <= max(spare, 0)
+    reps = np.append(np.where(fill, missing, 0), 0) + 1  # (m,) neurons each new one heads
+    first = np.repeat(np.cumsum(reps) - reps, reps)
+    return np.repeat(new, reps) + (np.arange(reps.sum()) - first)
+
+
+@dataclass
+class Loaded:
+    """One window step of one layer: what it cost and what it read."""
+
+    n: int  # rows [0, n) hold the window's neurons
+    new: int  # bundles read (fillers included)
+    filled: int  # of those, read only because coalescing joined two runs
+    memory_s: float  # window bookkeeping, row moves, commit
+    io_s: float  # the read
+
+
+def load_active(cache: NeuronCache, reader, layer: int, dest, active: np.ndarray) -> Loaded:
+    """The window protocol: slide the window to this token's active neurons, read the new bundles
+    into their rows, commit; nothing half-read enters the cache."""
+    filled0 = cache.stats.filled
+    t0 = time.perf_counter()
     new, start = cache.step(active)
+    t1 = time.perf_counter()
     try:
-        reader.read(layer, new, dest, start_row=start, coalesce_gap=0)
+        reader.read(layer, new, dest, start_row=start)
     except BaseException:
         cache.abort()
         raise
+    t2 = time.perf_counter()
     cache.commit()
-    return cache.n
+    t3 = time.perf_counter()
+    return Loaded(cache.n, len(new), cache.stats.filled - filled0, (t1 - t0) + (t3 - t2), t2 - t1)

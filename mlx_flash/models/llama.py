@@ -9,9 +9,13 @@ from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+)
 from mlx_lm.models.rope_utils import initialize_rope
 
+from .base import CausalLM, attend
 from .ffn import DenseFFN, FFNSpec
 
 
@@ -78,10 +82,7 @@ class Attention(nn.Module):
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*D)
+        return self.o_proj(attend(q, k, v, cache, mask, self.scale))
 
 
 class TransformerBlock(nn.Module):
@@ -113,28 +114,16 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = LlamaModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, LlamaModel(args), args.hidden_size)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        h = self.model(inputs, cache, input_embeddings)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.logits(self.model(inputs, cache, input_embeddings), self.model.embed_tokens)
 
     @property
     def layers(self):
         return self.model.layers
-
-    @property
-    def ffn_spec(self) -> FFNSpec:
-        return self.args.ffn_spec
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}

@@ -11,8 +11,12 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+)
 
+from .base import CausalLM, attend
 from .ffn import DenseFFN, FFNSpec
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
@@ -35,13 +39,13 @@ class ModelArgs(BaseModelArgs):
     _remove_final_layer_norm: bool = False
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
-        if self.word_embed_proj_dim is None:
-            self.word_embed_proj_dim = self.hidden_size
-
     @property
     def ffn_spec(self) -> FFNSpec:
         return FFNSpec(self.hidden_size, self.ffn_dim, False, self.enable_bias, self.activation_function)
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
 
 
 class Attention(nn.Module):
@@ -62,10 +66,7 @@ class Attention(nn.Module):
             p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, H*D)
+        return self.out_proj(attend(q, k, v, cache, mask, self.scale))
 
 
 class DecoderLayer(nn.Module):
@@ -123,28 +124,16 @@ class OPTModel(nn.Module):
         self.decoder = Decoder(args)
 
 
-class Model(nn.Module):
+class Model(CausalLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model_type = args.model_type
-        self.model = OPTModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
+        super().__init__(args, OPTModel(args), args.word_embed_proj_dim)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        h = self.model.decoder(inputs, cache, input_embeddings)
-        if self.args.tie_word_embeddings:
-            return self.model.decoder.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.logits(self.model.decoder(inputs, cache, input_embeddings), self.model.decoder.embed_tokens)
 
     @property
     def layers(self):
         return self.model.decoder.layers
-
-    @property
-    def ffn_spec(self) -> FFNSpec:
-        return self.args.ffn_spec
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         out = {}
