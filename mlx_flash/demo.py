@@ -76,9 +76,9 @@ def main(argv=None):
     run(f"flash: budget {plan.budget / 1e6:.1f} MB of a {plan.model / 1e6:.1f} MB model; FFN neurons read "
         f"from {folder}/ffn.bundles with direct I/O", model, tokenizer, args.prompt, args.max_tokens)
     s = model.flash_stats.snapshot()
-    print(f"per token: predict {s['ms_predict']:.1f} ms, memory management {s['ms_memory']:.1f} ms, "
-          f"I/O {s['ms_io']:.1f} ms ({s['bytes_read_per_token'] / 1e6:.2f} MB, {s['ffn_share_read']:.1%} of the FFN), "
-          f"FFN compute {s['ms_ffn']:.1f} ms, attention and the rest {s['ms_attention']:.1f} ms; "
+    print(f"per token: I/O {s['ms_io']:.1f} ms ({s['bytes_read_per_token'] / 1e6:.2f} MB, {s['ffn_share_read']:.1%} "
+          f"of the FFN), memory management {s['ms_memory']:.1f} ms, compute (attention, predictors, FFN; "
+          f"generate --profile splits it) {s['ms_compute']:.1f} ms; "
           f"window holds {s['ffn_share_resident']:.1%} of the FFN", file=sys.stderr)
 
 

@@ -67,6 +67,11 @@ class BundleLayout:
     def crc_offset(self) -> int:
         return self.stride - 4
 
+    @property
+    def field_bytes(self) -> int:
+        """A neuron's bytes in DRAM: its fields packed, without padding and CRC."""
+        return sum(f.nbytes for f in self.fields)
+
     def field(self, name: str) -> Field:
         for f in self.fields:
             if f.name == name:
@@ -229,26 +234,34 @@ def layer_view(data: np.ndarray, cfg: FlashConfig, layer: int) -> np.ndarray:
     return data[off : off + n].reshape(cfg.d_ff, cfg.layout.stride)
 
 
-def field_arrays(rows, layout: BundleLayout) -> dict:
-    """Typed MLX views of bundle fields over a (n, stride) uint8 MLX array of bundles.
+def group_fields(views: dict) -> dict:
+    """{field name: (n, ...) array} -> the dict `models.ffn.bundle_ffn` computes on:
+    {"gate"|"up"|"down": (n, d) array or (weight, scales, biases), "bias": (n, k)}."""
+    out = {}
+    for name, v in views.items():
+        matrix, _, part = name.partition(".")
+        if part:  # quantized: "<matrix>.weight|scales|biases"
+            out.setdefault(matrix, {})[part] = v
+        else:
+            out[name] = v
+    return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v for k, v in out.items()}
 
-    Returns {"gate"|"up"|"down": (n, d) array or (weight, scales, biases), "bias": (n, k)},
-    the dict `models.ffn.bundle_ffn` computes on. The dtype view is taken on whole rows
-    before the field's columns are sliced: the other order makes MLX copy, and a copy
-    would go stale when the rows are refilled.
+
+def field_arrays(rows, layout: BundleLayout) -> dict:
+    """Typed MLX views of bundle fields over a (n, stride) uint8 MLX array of whole bundles.
+
+    The dtype view is taken on whole rows before the field's columns are sliced: the other
+    order makes MLX copy. The views are strided (fields interleave in a row), so MLX's
+    matmuls copy them when they compute: the flash runtime computes on packed fields
+    instead (flash.neuron_cache.NeuronBuffer); this serves dense loading and the baselines.
     """
     import mlx.core as mx
 
     n = rows.shape[0]
-    out = {}
+    views = {}
     for f in layout.fields:
         dt = getattr(mx, f.dtype)
         count = int(np.prod(f.shape))
         v = rows.view(dt)[:, f.offset // dt.size : f.offset // dt.size + count]  # (n, count)
-        v = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
-        matrix, _, part = f.name.partition(".")
-        if part:  # quantized: "<matrix>.weight|scales|biases"
-            out.setdefault(matrix, {})[part] = v
-        else:
-            out[f.name] = v
-    return {k: (v["weight"], v["scales"], v["biases"]) if isinstance(v, dict) else v for k, v in out.items()}
+        views[f.name] = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
+    return group_fields(views)

@@ -123,6 +123,8 @@ def add_model_arguments(p):
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
     p.add_argument("--recall", type=float, default=None,
                    help="flash mode: predictor recall level to run at (one of those calibrated; default 0.95)")
+    p.add_argument("--profile", action="store_true",
+                   help="flash mode: time attention, prediction and FFN compute apart (adds a host sync per phase)")
 
 
 def setup_arg_parser():
@@ -140,7 +142,7 @@ def setup_arg_parser():
 
 def flash_options(args) -> dict:
     opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
-            "recall": args.recall}
+            "recall": args.recall, "profile": args.profile or None}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -162,7 +164,7 @@ def main(argv=None):
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads, --recall and --profile apply to --mode flash only")
     model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None

@@ -31,7 +31,8 @@ def main():
         prepare(folder=args.model)
 
     options = {k: v for k, v in {"dram_budget": args.dram_budget, "window": args.window}.items() if v is not None}
-    model, tokenizer = load(args.model, mode="flash", **options)
+    # profile: extra syncs so that attention, prediction and FFN compute are timed apart
+    model, tokenizer = load(args.model, mode="flash", profile=True, **options)
     plan = model.flash_plan
     budget = f"{plan.budget / 1e6:.1f} MB" if plan.budget else "none"
     print(f"model {plan.model / 1e6:.1f} MB, budget {budget}, planned {plan.total / 1e6:.1f} MB, window {plan.window}")

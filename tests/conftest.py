@@ -60,17 +60,18 @@ def smol_flash(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_flash(tiny_model, tmp_path_factory):
-    """trained_flash(name) -> converted tiny model with calibrated predictors (made once)."""
+    """trained_flash(name, convert={...}, **train_options) -> converted tiny model with calibrated
+    predictors (made once per options)."""
     from mlx_flash.convert import convert
     from mlx_flash.train_predictors import train
 
     root = tmp_path_factory.mktemp("trained")
     made = {}
 
-    def get(name, **opts):
-        key = (name, tuple(sorted(opts.items())))
+    def get(name, convert_options=None, **opts):
+        key = (name, tuple(sorted((convert_options or {}).items())), tuple(sorted(opts.items())))
         if key not in made:
-            out = convert(str(tiny_model(name)), root / f"{name}-{len(made)}", quiet=True)
+            out = convert(str(tiny_model(name)), root / f"{name}-{len(made)}", quiet=True, **(convert_options or {}))
             train(out, tokens=2048, seq_len=128, epochs=4, progress=False, **opts)
             made[key] = out
         return made[key]

@@ -1,7 +1,6 @@
 """The benchmark, the probes and scale mode on tiny settings: structure and invariants, not speed."""
 
 import json
-import sys
 import os
 import shutil
 
@@ -123,9 +122,9 @@ def test_mapped_bundles_evict(tmp_path):
 def test_no_reuse_cache():
     c = rows.NoReuseCache(20, 10, 1)
     for _ in range(2):
-        ids, start = c.step(np.array([2, 5, 7]))
+        ids, where = c.step(np.array([2, 5, 7]))
         c.commit()
-        assert ids.tolist() == [2, 5, 7] and start == 0
+        assert ids.tolist() == [2, 5, 7] and where.tolist() == [0, 1, 2]
 
 
 def test_cgroup_failure_is_one_line(monkeypatch, tmp_path):

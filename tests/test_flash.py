@@ -11,7 +11,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_flash.errors import FlashError
-from mlx_flash.format import BUNDLES_FILE, FlashConfig
+from mlx_flash.format import BUNDLES_FILE, FlashConfig, layer_view
 from mlx_flash.generate import stream
 from mlx_flash.load import load, load_flash
 
@@ -79,14 +79,20 @@ def test_bytes_read_are_the_new_bundles(trained_flash):
 def test_buffers_never_reallocated_and_invariants_hold(trained_flash):
     folder = trained_flash("llama_relu_untied")
     model, tok = load(str(folder), mode="flash", window=2)
-    before = [(l.mlp.buffer.address, l.mlp.buffer.slots) for l in model.layers]
+    before = [(l.mlp.buffer.addresses, l.mlp.buffer.slots) for l in model.layers]
     list(stream(model, tok, "hello there, how are you", max_tokens=20))
-    assert [(l.mlp.buffer.address, l.mlp.buffer.slots) for l in model.layers] == before
-    for l in model.layers:
+    assert [(l.mlp.buffer.addresses, l.mlp.buffer.slots) for l in model.layers] == before
+    cfg = FlashConfig.load(folder)
+    data = np.fromfile(folder / BUNDLES_FILE, dtype=np.uint8)
+    for i, l in enumerate(model.layers):
         c = l.mlp.cache
         res = c.resident
         assert len(set(res.tolist())) == len(res) == c.n <= c.slots
         assert (c.neuron_to_slot[res] == np.arange(c.n)).all()
+        # row r holds exactly neuron res[r]'s fields as stored on disk
+        on_disk = layer_view(data, cfg, i)[res]
+        packed = np.concatenate([on_disk[:, f.offset : f.offset + f.nbytes] for f in cfg.layout.fields], axis=1)
+        np.testing.assert_array_equal(l.mlp.buffer.rows(c.n), packed)
 
 
 def test_small_buffers_shrink_the_window_and_still_run(trained_flash):
@@ -184,6 +190,62 @@ def test_peak_memory_stays_within_the_budget(trained_flash):
     assert model.flash_plan.total <= budget
     list(stream(model, tok, "a budget is a budget", max_tokens=16))
     assert mx.get_peak_memory() <= budget
+
+
+@pytest.mark.parametrize("convert_options", [{}, {"quantize": 4}], ids=["float", "q4"])
+def test_ffn_computes_on_the_window_without_copying_it(trained_flash, convert_options):
+    """MLX's matmuls copy operands whose rows are not packed: the window's fields must be packed,
+    so that a layer's compute allocates nothing in proportion to the window."""
+    folder = trained_flash("llama_relu_untied", convert_options=convert_options)
+    cfg = FlashConfig.load(folder)
+    every = [lambda x: mx.ones((x.shape[0], cfg.d_ff)) for _ in range(cfg.n_layers)]
+    model, _ = load(str(folder), mode="flash", predictor=every, slots=cfg.d_ff)
+    ffn = model.layers[0].mlp
+    x = mx.random.normal((1, 1, cfg.d_model))
+    mx.eval(x, ffn(x))  # the first token reads every neuron
+    mx.eval(ffn(x))
+    gc.collect()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    y = ffn(x)
+    mx.eval(y)
+    assert ffn.cache.n == cfg.d_ff and ffn.cache.stats.last_new == 0
+    window = ffn.buffer.nbytes
+    assert mx.get_peak_memory() - base < window / 8, (mx.get_peak_memory() - base, window)
+    # and it is the FFN over every neuron: the dense layer's output
+    dense, _ = load_flash(folder, "dense")
+    np.testing.assert_allclose(np.array(y), np.array(dense.layers[0].mlp(x)), rtol=1e-4, atol=1e-4)
+
+
+def test_decode_syncs_once_per_layer(trained_flash, monkeypatch):
+    """Without profiling, a decode step waits for MLX once per layer: on the predictor's scores.
+    (The only other eval is of the layer's previous output, already computed by then.)"""
+    import sys
+
+    from mlx_flash.flash import ffn as flash_ffn
+
+    folder = trained_flash("llama_relu_untied")
+    model, tok = load(str(folder), mode="flash")
+    counts = {"host": 0, "eval": 0}
+    to_host, mx_eval = flash_ffn.to_host, mx.eval
+
+    def host(a):
+        counts["host"] += 1
+        return to_host(a)
+
+    def counting_eval(*args):
+        if sys._getframe(1).f_globals["__name__"] == flash_ffn.__name__:
+            counts["eval"] += 1
+        return mx_eval(*args)
+
+    monkeypatch.setattr(flash_ffn, "to_host", host)
+    monkeypatch.setattr(mx, "eval", counting_eval)
+    out = list(stream(model, tok, "hello there", max_tokens=9))
+    prompt = model.flash_stats.snapshot()["prompt_tokens"]
+    n_layers, decoded = len(model.layers), model.flash_stats.decode_tokens
+    assert len(out) == 9 and decoded >= 8 and prompt > 1  # mlx-lm decodes the prompt's last token, and one ahead
+    assert counts["host"] == n_layers * (decoded + 1)  # one per layer for the prompt, one per decode token
+    assert counts["eval"] <= n_layers * decoded
 
 
 def test_no_neuron_predicted_gives_the_ffn_bias_only(trained_flash):

@@ -207,19 +207,19 @@ def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
     if cfg.predictors is None:
         raise FlashError(f"{s.folder} has no predictors: run python -m mlx_flash.train_predictors --model {s.folder}")
     attach_flash(s.model, s.folder, cfg, s.down_bias, dram_budget=budget, window=1 if row == "predictor" else s.window,
-                 threads=s.threads, verify=s.verify, kv_tokens=s.kv_tokens, recall=s.recall)
+                 threads=s.threads, verify=s.verify, kv_tokens=s.kv_tokens, recall=s.recall, profile=True)
     pl = s.model.flash_plan
     caches = []
     for layer in s.model.layers:
         f = layer.mlp
         if row == "predictor":
-            f.cache = NoReuseCache(cfg.d_ff, f.cache.slots, 1, rows=f.buffer.np)
+            f.cache = NoReuseCache(cfg.d_ff, f.cache.slots, 1, buffer=f.buffer)
         elif row == "all":
-            f.cache = NeuronCache(cfg.d_ff, f.cache.slots, pl.window, f.buffer.np, coalesce_gap=gap)
+            f.cache = NeuronCache(cfg.d_ff, f.cache.slots, pl.window, buffer=f.buffer, coalesce_gap=gap)
         caches.append(f.cache)
     reader = s.model.flash_reader
     return Row(s.model.flash_stats, {**pl.to_dict(), "coalesce_gap": gap if row == "all" else 0},
-               pl.resident + pl.predictors + pl.buffers, reader.close, caches=caches)
+               pl.resident + pl.predictors + pl.staging + pl.buffers, reader.close, caches=caches)
 
 def key(row: str, budget_label: str) -> str:
     return f"{row}@{budget_label}"

@@ -268,8 +268,9 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     """Replay the process through NeuronCaches and a BundleReader into real buffers."""
     import mlx.core as mx
 
+    from ..flash.budget import staging_rows
     from ..flash.bundle_reader import BundleBuffer, BundleReader
-    from ..flash.neuron_cache import NeuronCache, load_active
+    from ..flash.neuron_cache import NeuronBuffer, NeuronCache, load_active
     from ..models.ffn import FFNSpec, bundle_ffn
     from .rows import NoReuseCache
 
@@ -278,14 +279,16 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     share = exp["predicted_share"] if row == "predictor" else exp["held_share"]
     slots = min(cfg.d_ff, int(math.ceil(1.15 * share * cfg.d_ff)) + 64)
     window = 1 if row == "predictor" else proc.window
-    bufs = [BundleBuffer(slots, cfg.layout) for _ in range(layers)]
+    staging = BundleBuffer(staging_rows(cfg), cfg.layout)
+    bufs = [NeuronBuffer(slots, cfg.layout, staging.np.reshape(-1)) for _ in range(layers)]
     if row == "predictor":
-        caches = [NoReuseCache(cfg.d_ff, slots, 1, rows=b.np) for b in bufs]
+        caches = [NoReuseCache(cfg.d_ff, slots, 1, buffer=b) for b in bufs]
     else:
-        caches = [NeuronCache(cfg.d_ff, slots, window, rows=b.np, coalesce_gap=gap if row == "all" else 0)
+        caches = [NeuronCache(cfg.d_ff, slots, window, buffer=b, coalesce_gap=gap if row == "all" else 0)
                   for b in bufs]
     spec = FFNSpec(cfg.d_model, cfg.d_ff, cfg.glu, cfg.bias, cfg.activation)
-    x = mx.random.normal((1, cfg.d_model)).astype(mx.float16) if compute else None
+    # float32 activations, as the models compute on a CPU (MLX's float16 CPU kernels are far slower)
+    x = mx.random.normal((1, cfg.d_model)) if compute else None
     io = mem = comp = 0.0
     nbytes = syscalls = bundles = predicted = held = shrinks = 0
     with BundleReader(folder, cfg, threads=threads, direct=True, verify=False) as reader:
@@ -295,7 +298,7 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
             for l in range(layers):
                 c = caches[l]
                 shrinks0 = c.stats.window_shrinks
-                step = load_active(c, reader, l, bufs[l], sets[l])
+                step = load_active(c, reader, l, staging, sets[l])
                 t3 = time.perf_counter()
                 if compute:
                     mx.eval(bundle_ffn(x, spec, bufs[l].fields(c.n), None))
@@ -304,9 +307,9 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
                     io += step.io_s
                     mem += step.memory_s
                     comp += t4 - t3
-                    nbytes += reader.last.bytes_read
-                    syscalls += reader.last.syscalls
-                    bundles += reader.last.bundles
+                    nbytes += step.read.bytes_read
+                    syscalls += step.read.syscalls
+                    bundles += step.read.bundles
                     predicted += len(sets[l])
                     held += c.n
                     shrinks += c.stats.window_shrinks - shrinks0
@@ -317,7 +320,7 @@ def run_flash(folder: Path, cfg: FlashConfig, row: str, layers: int, tokens: int
     return {
         "row": row, "layers": layers, "tokens": tokens, "warmup": warmup, "threads": threads, "slots": slots,
         "window": window, "coalesce_gap": gap if row == "all" else 0,
-        "buffer_bytes": layers * slots * cfg.layout.stride,
+        "buffer_bytes": layers * slots * cfg.layout.field_bytes + staging.np.nbytes,
         "ms_io_per_layer": 1000 * per_layer(io), "ms_memory_per_layer": 1000 * per_layer(mem),
         "ms_compute_per_layer": 1000 * per_layer(comp) if compute else None,
         "bytes_read_per_layer": per_layer(nbytes), "syscalls_per_layer": per_layer(syscalls),

@@ -12,18 +12,19 @@ from ..format import FlashConfig
 from .budget import DEFAULT_KV_TOKENS, DEFAULT_THREADS, plan, predictor_level
 from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
-from .neuron_cache import NeuronCache
+from .neuron_cache import NeuronBuffer, NeuronCache
 from .predictor import load_predictors
 
 
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
                  kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None,
-                 recall: Optional[float] = None, predictor_bits: Optional[int] = 8):
+                 recall: Optional[float] = None, predictor_bits: Optional[int] = 8, profile: bool = False):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
-    predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored)."""
+    predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored).
+    profile: time attention, prediction and FFN apart (extra host syncs; the benchmark)."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -61,11 +62,13 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
     spec = model.ffn_spec
+    staging = BundleBuffer(pl.staging_rows, cfg.layout)  # shared: layers run one after another
+    scratch = staging.np.reshape(-1)  # row moves happen before a layer's reads, so they can share it
     for l, layer in enumerate(model.layers):
-        buf = BundleBuffer(pl.slots[l], cfg.layout)
-        cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, rows=buf.np, coalesce_gap=coalesce_gap)
-        layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader,
-                             down_bias[l], stats)
+        buf = NeuronBuffer(pl.slots[l], cfg.layout, scratch)
+        cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, buffer=buf, coalesce_gap=coalesce_gap)
+        layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader, staging,
+                             down_bias[l], stats, profile)
     if pl.budget is not None:
         mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
     mx.reset_peak_memory()  # peak memory from here on is flash mode's own

@@ -36,13 +36,15 @@ class Plan:
     predictors: int
     kv_cache: int
     working: int
-    buffers: int
+    staging: int  # the reads' staging area (whole bundles), shared by the layers
+    buffers: int  # the neuron windows: packed fields of `slots` neurons per layer
     slots: List[int]
     window: int
+    staging_rows: int
 
     @property
     def total(self) -> int:
-        return self.resident + self.predictors + self.kv_cache + self.working + self.buffers
+        return self.resident + self.predictors + self.kv_cache + self.working + self.staging + self.buffers
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -54,6 +56,12 @@ def kv_bytes(cfg: FlashConfig, tokens: int) -> int:
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     item = 4 if cfg.dtype == "float32" else 2  # keys and values take the activations' dtype
     return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * item
+
+
+def staging_rows(cfg: FlashConfig) -> int:
+    """Bundles the staging area holds: a decode step's new neurons in one round (2-10% of d_ff
+    measured), a sequence's first token in a few."""
+    return min(cfg.d_ff, max(64, cfg.d_ff // 4))
 
 
 def working_bytes(cfg: FlashConfig, transient: int = 0) -> int:
@@ -87,7 +95,8 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     budget_bytes = parse_budget(budget, total)
     working = working_bytes(cfg, transient)
     kv = kv_bytes(cfg, kv_tokens)
-    stride = cfg.layout.stride
+    row = cfg.layout.field_bytes
+    staging = staging_rows(cfg) * cfg.layout.stride
 
     if slots is not None:
         wanted = [min(cfg.d_ff, slots)] * cfg.n_layers
@@ -98,21 +107,23 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
         wanted = [min(cfg.d_ff, int(math.ceil(SLOT_MARGIN * b)) + 8) for b in base]
     # a token's own predicted set must fit, or the window degenerates into truncation
     floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.2)) + 8) for w, share in zip(wanted, p["predicted_share"])]
-    fixed = resident_bytes + predictor_bytes + kv + working
+    fixed = resident_bytes + predictor_bytes + kv + working + staging
     if budget_bytes is not None:
         room = budget_bytes - fixed
-        need = sum(floor) * stride
+        need = sum(floor) * row
         if room < need:
             raise FlashError(
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
                 f"weights {resident_bytes / 1e6:.1f} MB + predictors {predictor_bytes / 1e6:.1f} MB + KV cache "
-                f"({kv_tokens} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB, plus at least "
+                f"({kv_tokens} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB + read staging "
+                f"{staging / 1e6:.1f} MB, plus at least "
                 f"{need / 1e6:.1f} MB of neuron windows, need {(fixed + need) / 1e6:.1f} MB "
                 f"({(fixed + need) / total:.0%} of the model's {total / 1e6:.1f} MB)"
             )
         # every layer gets its floor, then the same share of what it wants beyond it
-        extra = sum(w - f for w, f in zip(wanted, floor)) * stride
+        extra = sum(w - f for w, f in zip(wanted, floor)) * row
         scale = min(1.0, (room - need) / extra) if extra else 1.0
         wanted = [f + int((w - f) * scale) for w, f in zip(wanted, floor)]
-    buffers = sum(wanted) * stride
-    return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, buffers, wanted, window)
+    buffers = sum(wanted) * row
+    return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, wanted, window,
+                staging_rows(cfg))

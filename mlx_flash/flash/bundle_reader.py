@@ -3,14 +3,14 @@
 The paper reads each active neuron's bundle (up row + down column, and gate row
 for GLU models) with one read, from 32 threads, bypassing the OS page cache so
 that the measured cost is the flash's and not DRAM's. This module does that on
-Linux (O_DIRECT) and macOS (F_NOCACHE), straight into the memory of a
-preallocated MLX array, so a loaded neuron is computed on where it landed:
-no staging buffer, no copy, no gather.
+Linux (O_DIRECT) and macOS (F_NOCACHE), into rows of a preallocated, aligned
+buffer of whole bundles (`BundleBuffer`): the flash runtime's staging area, from
+which the neuron cache copies the new neurons' fields into its packed arrays
+(flash.neuron_cache), and the hybrid baseline's one-layer buffer.
 
-    buf = alloc_buffer(slots, cfg.layout)          # once per layer
+    staging = alloc_buffer(rows, cfg.layout)       # once
     with BundleReader(folder, cfg) as reader:
-        reader.read(layer, neurons, buf, start_row=n)   # rows [n, n + len(neurons))
-        fields = buf.fields(n + len(neurons))      # typed MLX views, no copy
+        reader.read(layer, neurons, staging)       # bundle neurons[k] in row k
 
 Direct I/O is all or nothing: if it cannot be had (a filesystem in memory, a
 disk whose block size does not divide the bundle alignment) the reader says so
@@ -44,15 +44,13 @@ _EAGAIN_RETRIES = 1000
 
 
 class BundleBuffer:
-    """`slots` bundle rows in ONE MLX uint8 array, also seen by numpy without a copy.
+    """`slots` whole bundle rows in ONE MLX uint8 array (so MLX's memory figures count it),
+    also seen by numpy without a copy.
 
-    The reader writes into `np` (the OS needs a writable buffer address); the model
-    computes on `mx` and the typed views of `fields(n)`, which share that memory.
-    Rows start on a BUFFER_ALIGN boundary so O_DIRECT can land in them. Allocated
-    once: the data pointer never changes (the neuron cache asserts it).
-
-    MLX is lazy: a graph built on these views reads the bytes when it is evaluated,
-    so evaluate a layer's output before its rows are refilled or moved.
+    The reader writes into `np` (the OS needs a writable buffer address). Rows start on a
+    BUFFER_ALIGN boundary so O_DIRECT can land in them. `fields(n)` are typed MLX views of
+    rows [0, n), strided (the fields interleave), which MLX copies when it computes on them.
+    MLX is lazy: evaluate what was built on them before the rows are refilled.
     """
 
     def __init__(self, slots: int, layout: BundleLayout, align: int = BUFFER_ALIGN):

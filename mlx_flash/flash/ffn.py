@@ -1,11 +1,14 @@
 """The flash FFN of one layer: predict, slide the window, read the new bundles, compute.
 
 Per token (paper Sections 3.1-3.3):
-  1. the low-rank predictor scores every neuron from the FFN input;
+  1. the low-rank predictor scores every neuron from the FFN input (the layer's one
+     host sync in decode: its scores decide the reads);
   2. the layer's NeuronCache slides its window: neurons that left it are deleted
      by moving the last rows into their slots, new ones get rows [n, n + m);
-  3. the BundleReader reads only those new bundles, straight into the rows;
-  4. the FFN computes on rows [0, n) of the buffer: no gather, no reallocation.
+  3. the BundleReader reads only those new bundles into the staging area, and their
+     fields are copied into rows [n, n + m) of the layer's NeuronBuffer;
+  4. the FFN computes on rows [0, n) of the packed field arrays: no gather, no copy,
+     no reallocation. MLX evaluates it lazily, at the next layer's sync.
 Computing on every neuron in the window (not only this token's predicted ones)
 costs nothing extra to read and brings the output closer to dense.
 
@@ -24,23 +27,30 @@ from ..models.ffn import FFNSpec, bundle_ffn
 from .neuron_cache import load_active
 
 
+def to_host(a: mx.array) -> np.ndarray:
+    """A host sync: waits until MLX has computed `a` and all it depends on, then copies it out."""
+    return np.array(a)
+
+
 @dataclass
 class FlashStats:
     """Time and bytes of the flash FFNs of a model, split by phase like the paper's Table 2/3.
 
     Decode steps (one token through the model) and prompt steps are kept apart;
-    `snapshot()` reports per decode token.
+    `snapshot()` reports per decode token. Compute is split into attention, prediction
+    and FFN only when profiling (extra syncs); otherwise it is one figure, ms_compute.
     """
 
     n_layers: int = 0
     d_ff: int = 0
     decode_tokens: int = 0
     prompt_tokens: int = 0
-    attention_s: float = 0.0  # everything computed between two FFNs (attention, norms), decode only
-    predict_s: float = 0.0
-    memory_s: float = 0.0  # window bookkeeping and row moves (the paper's "memory management")
+    compute_s: float = 0.0  # without profiling: waits at the one sync per layer (all that MLX computes)
+    attention_s: float = 0.0  # profiling: everything computed between two FFNs (attention, norms), decode only
+    predict_s: float = 0.0  # profiling
+    memory_s: float = 0.0  # window bookkeeping, row moves, staging copies (the paper's "memory management")
     io_s: float = 0.0
-    ffn_s: float = 0.0  # FFN compute on the buffer rows
+    ffn_s: float = 0.0  # profiling: FFN compute on the buffer rows
     bytes_read: int = 0
     bytes_requested: int = 0
     bundles: int = 0  # bundles read
@@ -76,6 +86,7 @@ class FlashStats:
         return {
             "decode_tokens": self.decode_tokens,
             "prompt_tokens": self.prompt_tokens,
+            "ms_compute": ms(self.compute_s + self.attention_s + self.predict_s + self.ffn_s),
             "ms_attention": ms(self.attention_s),
             "ms_predict": ms(self.predict_s),
             "ms_memory": ms(self.memory_s),
@@ -98,15 +109,21 @@ class FlashStats:
 
 
 class FlashFFN(nn.Module):
-    def __init__(self, layer: int, spec: FFNSpec, quant, predictor, tau: float, buffer, cache, reader,
-                 down_bias, stats: FlashStats):
+    """One layer's FFN in flash mode. `buffer` is its NeuronBuffer (driven by `cache`), `staging`
+    the model's shared staging area for reads. profile: add host syncs so that attention,
+    prediction and FFN compute are timed apart (the benchmark); off, a decode step syncs once
+    per layer, on the predictor's scores, which decide the reads."""
+
+    def __init__(self, layer: int, spec: FFNSpec, quant, predictor, tau: float, buffer, cache, reader, staging,
+                 down_bias, stats: FlashStats, profile: bool = False):
         super().__init__()
         self.layer, self.spec, self.quant = layer, spec, quant
         self.predictor = predictor  # callable: (N, d_model) -> (N, d_ff) scores; active iff score > tau
         self.tau = tau
-        self.buffer, self.cache, self.reader = buffer, cache, reader
+        self.buffer, self.cache, self.reader, self.staging = buffer, cache, reader, staging
         self.down_bias = down_bias
-        self.stats = stats
+        self.stats, self.profile = stats, profile
+        self._last = None  # the latest output, built on this layer's rows
         self.freeze()
 
     def groups(self, pred: np.ndarray):
@@ -126,17 +143,21 @@ class FlashFFN(nn.Module):
         decode = xs.shape[0] == 1
         s = self.stats
         t0 = time.perf_counter()
-        mx.eval(xs)
+        if self.profile:
+            mx.eval(xs)
         t1 = time.perf_counter()
-        scores = self.predictor(xs)
-        mx.eval(scores)
-        scores = np.array(scores.astype(mx.float32))  # (N, d_ff)
+        scores = to_host(self.predictor(xs).astype(mx.float32))  # (N, d_ff): the layer's one host sync
         pred = scores > self.tau
         t2 = time.perf_counter()
+        if self._last is not None:
+            mx.eval(self._last)  # normally done already (the next layer's sync); rows move below
         if decode:
-            s.attention_s += t1 - t0
-            s.predict_s += t2 - t1
             s.predicted += int(np.count_nonzero(pred))
+            if self.profile:
+                s.attention_s += t1 - t0
+                s.predict_s += t2 - t1
+            else:
+                s.compute_s += t2 - t0
             if self.layer == 0:
                 s.decode_tokens += 1
         elif self.layer == 0:
@@ -144,29 +165,33 @@ class FlashFFN(nn.Module):
 
         outs = []
         for a, b in self.groups(pred):
+            if outs:
+                mx.eval(outs[-1])  # the previous group's rows are about to move
             active = np.flatnonzero(pred[a:b].any(axis=0))
             if len(active) > self.cache.slots:  # best first, for the cache's truncation
                 active = active[np.argsort(-scores[a:b, active].max(axis=0), kind="stable")]
             moved0, shrinks0, trunc0 = self.cache.stats.bytes_moved, self.cache.stats.window_shrinks, \
                 self.cache.stats.truncations
-            step = load_active(self.cache, self.reader, self.layer, self.buffer, active)
+            step = load_active(self.cache, self.reader, self.layer, self.staging, active)
             t5 = time.perf_counter()
             n = step.n
             if n:
                 y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
             else:  # nothing predicted: MLX's quantized kernels cannot take zero rows
                 y = mx.zeros_like(xs[a:b]) + (self.down_bias if self.down_bias is not None else 0)
-            mx.eval(y)  # before the next step moves or refills these rows
+            if self.profile:
+                mx.eval(y)
             t6 = time.perf_counter()
             outs.append(y)
-            s.add_read(self.reader.last, (step.new - step.filled) * self.buffer.layout.stride, decode)
+            s.add_read(step.read, (step.new - step.filled) * self.staging.layout.stride, decode)
             if decode:
                 s.memory_s += step.memory_s
                 s.io_s += step.io_s
-                s.ffn_s += t6 - t5
+                s.ffn_s += t6 - t5 if self.profile else 0.0
                 s.resident += n
                 s.bytes_moved += self.cache.stats.bytes_moved - moved0
                 s.window_shrinks += self.cache.stats.window_shrinks - shrinks0
                 s.truncations += self.cache.stats.truncations - trunc0
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        self._last = y
         return y.reshape(shape)

@@ -2,28 +2,36 @@
 
 Per layer, the neurons active for any of the last k tokens stay in memory; per
 token only the ones new to the window are read from flash and the ones that left
-it are dropped. The paper's memory management, which this class implements:
+it are dropped. The paper's memory management, which this module implements:
 
-- one preallocated matrix of `slots` rows per layer (a BundleBuffer), never
-  reallocated; rows [0, n) are exactly the cached neurons, with no holes, so the
-  FFN computes on rows [0, n) directly (no gather);
-- delete: copy the last occupied rows into the freed slots (n shrinks);
-- insert: append the new neurons at rows [n, n + m), read there by the caller.
+- one preallocated buffer per layer (`NeuronBuffer`), never reallocated: per bundle
+  field (gate, up, down rows, their quantization scales and biases, biases) one
+  packed (slots, bytes) array; rows [0, n) are exactly the cached neurons, with no
+  holes, so the FFN computes on rows [0, n) of packed arrays directly (no gather,
+  and no copy: MLX's matmuls take a row slice of a packed array as it is);
+- insert: new neurons take the rows freed by the ones that left, then rows past the
+  end; their bundles are read whole (direct I/O wants whole aligned blocks) into a
+  small staging area, and only their fields are copied into the rows, so per token
+  the copies are proportional to what is new, not to the window;
+- delete: when fewer neurons arrive than left, the last occupied rows move into the
+  holes that remain (n shrinks): the paper's delete, with the fewest moves (in steady
+  state arrivals fill the holes and nothing moves).
 
-The cache does no I/O itself. One token of one layer goes through `load_active`,
-the one place the window protocol is written (the runtime and the benchmark use it):
+`NeuronCache` does the bookkeeping and no I/O; `load_active` is the one place the
+window protocol is written (the runtime and the benchmark use it):
 
-    new, start = cache.step(active)           # evicts, reserves rows [start, start + m)
+    new, rows = cache.step(active)            # evicts, reserves a row per new neuron (moves rows if needed)
     try:
-        reader.read(layer, new, buf, start_row=start)
+        reader.read(layer, new, staging)      # in chunks of the staging area's rows
+        buffer.fill(rows, staging rows)
     except BaseException:
         cache.abort()                         # nothing half-read enters the cache
         raise
     cache.commit()                            # rows [0, cache.n) now hold these neurons
 
 A neuron enters the maps only at commit(), after its bytes have arrived, so a failed
-read never leaves garbage weights behind a valid id. MLX is lazy: evaluate the
-layer's output before the next step() moves its rows.
+read never leaves garbage weights behind a valid id. MLX is lazy: the layer's output
+must be evaluated before the next step() moves its rows (FlashFFN makes sure).
 
 Coalescing (`coalesce_gap` > 0): new neurons at most that many apart are read as one
 run, the absent neurons between them coming along (computed on, and kept only if a
@@ -35,7 +43,72 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
+import mlx.core as mx
 import numpy as np
+
+from ..format import BundleLayout, group_fields
+from .bundle_reader import BundleBuffer, ReadStats
+
+
+class NeuronBuffer:
+    """One layer's neurons in DRAM: per bundle field, one packed (slots, bytes) MLX array, allocated once.
+
+    Row r of every field array belongs to the same neuron. `fields(n)` are typed views of rows
+    [0, n); `fill` copies staged bundles' fields into rows; `move` copies rows into holes through
+    `scratch` (a preallocated flat uint8 array, shared), so that nothing is allocated per token.
+    """
+
+    def __init__(self, slots: int, layout: BundleLayout, scratch: np.ndarray):
+        self.slots, self.layout, self.scratch = slots, layout, scratch
+        self._mx, self._np = {}, {}
+        for f in layout.fields:
+            a = mx.zeros((slots, f.nbytes), dtype=mx.uint8)
+            mx.eval(a)
+            self._mx[f.name] = a
+            self._np[f.name] = np.array(memoryview(a), copy=False)  # the same memory, writable
+        self.row_bytes = sum(f.nbytes for f in layout.fields)
+        self._addresses = [v.ctypes.data for v in self._np.values()]
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.row_bytes
+
+    @property
+    def addresses(self) -> list:
+        """Where each field array lives: fixed for the buffer's life."""
+        return [v.ctypes.data for v in self._np.values()]
+
+    def rows(self, n: int) -> np.ndarray:
+        """(n, row_bytes) copy of rows [0, n) as packed bundles without padding (tests, checks)."""
+        return np.concatenate([self._np[f.name][:n] for f in self.layout.fields], axis=1)
+
+    def fields(self, n: int) -> dict:
+        """Typed MLX views of rows [0, n) of every field (models.ffn.bundle_ffn's dict), without copies."""
+        views = {}
+        for f in self.layout.fields:
+            v = self._mx[f.name][:n].view(getattr(mx, f.dtype))  # (n, count), row-contiguous
+            views[f.name] = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
+        return group_fields(views)
+
+    def fill(self, rows: np.ndarray, staged: np.ndarray):
+        """Copy the fields of staged whole bundles (m, stride) into rows[k] (ascending)."""
+        if not len(rows):
+            return
+        if rows[-1] - rows[0] == len(rows) - 1:  # one run: a slice copy
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        for f in self.layout.fields:
+            self._np[f.name][rows] = staged[:, f.offset : f.offset + f.nbytes]
+
+    def move(self, holes: np.ndarray, movers: np.ndarray) -> int:
+        """Row movers[k] into row holes[k] (holes all below movers); returns the bytes moved."""
+        for f in self.layout.fields:
+            a, per = self._np[f.name], max(1, len(self.scratch) // f.nbytes)
+            for i in range(0, len(holes), per):  # rarely more than one round
+                tmp = self.scratch[: min(per, len(holes) - i) * f.nbytes].reshape(-1, f.nbytes)
+                np.take(a, movers[i : i + per], axis=0, out=tmp, mode="clip")  # "raise" would buffer `out`
+                a[holes[i : i + per]] = tmp
+        assert self.addresses == self._addresses, "buffer was reallocated"
+        return len(holes) * self.row_bytes
 
 
 @dataclass
@@ -62,20 +135,16 @@ class CacheStats:
 class NeuronCache:
     """Which neuron lives in which row of one layer's buffer, and the window of tokens.
 
-    rows: the (slots, row_bytes) numpy view of the layer's buffer (BundleBuffer.np);
-    rows move with their neurons. None keeps only the bookkeeping (simulations).
+    buffer: the layer's NeuronBuffer, whose rows move with their neurons; None keeps
+    only the bookkeeping (simulations).
     """
 
-    def __init__(self, d_ff: int, slots: int, window: int = 5, rows: Optional[np.ndarray] = None,
+    def __init__(self, d_ff: int, slots: int, window: int = 5, buffer: Optional[NeuronBuffer] = None,
                  coalesce_gap: int = 0):
         assert slots > 0 and window > 0 and coalesce_gap >= 0
-        assert rows is None or len(rows) >= slots
+        assert buffer is None or buffer.slots >= slots
         self.d_ff, self.slots, self.window, self.coalesce_gap = d_ff, slots, window, coalesce_gap
-        self.rows = rows
-        # rows move as 8-byte words: numpy's fancy-index copy is ~4x faster than byte by byte
-        self._words = rows.view(np.uint64) if rows is not None and rows.shape[1] % 8 == 0 \
-            and rows.flags.c_contiguous else rows
-        self._address = None if rows is None else rows.ctypes.data
+        self.buffer = buffer
         self.slot_to_neuron = np.full(slots, -1, dtype=np.int32)
         self.neuron_to_slot = np.full(d_ff, -1, dtype=np.int32)
         self.n = 0  # rows [0, n) occupied
@@ -114,12 +183,12 @@ class NeuronCache:
 
     # -- per token
 
-    def step(self, active: np.ndarray) -> Tuple[np.ndarray, int]:
-        """Slide the window to this token; return (new neurons sorted ascending, first row).
+    def step(self, active: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Slide the window to this token; return (new neurons sorted ascending, their rows, ascending).
 
         active: this token's predicted neurons, best first (used only if they exceed
-        the slots: then the first `slots` are kept). The caller reads the returned
-        neurons into rows [start, start + len(new)) and calls commit().
+        the slots: then the first `slots` are kept). The caller reads neuron new[k]'s
+        bundle into row rows[k] and calls commit(); rows [0, n) are then the window.
         """
         assert self._pending is None, "commit() or abort() the previous step first"
         active = np.asarray(active, dtype=np.int64).ravel()
@@ -138,57 +207,69 @@ class NeuronCache:
             while self._union > self.slots:
                 self._pop()
                 self.stats.tokens_dropped += 1
-        self._evict()
+        holes = self._evict()
         new = np.flatnonzero((self._count > 0) & (self.neuron_to_slot < 0))
         if self.coalesce_gap and len(new) > 1:
-            full = fill_gaps(new, self.coalesce_gap, self.neuron_to_slot >= 0, self.slots - self.n - len(new))
+            spare = self.slots - (self.n - len(holes)) - len(new)
+            full = fill_gaps(new, self.coalesce_gap, self.neuron_to_slot >= 0, spare)
             self.stats.filled += len(full) - len(new)
             new = full
-        assert self.n + len(new) <= self.slots
-        self._pending = (new, self.n)
+        rows = self._place(len(new), holes)
+        assert self.n <= self.slots
+        self._pending = (new, rows)
         self.stats.steps += 1
         self.stats.last_new = len(new)
-        return new, self.n
+        return new, rows
 
     def commit(self):
-        """The pending neurons' bytes are in rows [n, n + m): they join the cache."""
-        new, start = self._pending
-        end = start + len(new)
-        self.slot_to_neuron[start:end] = new
-        self.neuron_to_slot[new] = np.arange(start, end, dtype=np.int32)
-        self.n = end
+        """The pending neurons' bytes are in their rows: they join the cache."""
+        new, rows = self._pending
+        self.slot_to_neuron[rows] = new
+        self.neuron_to_slot[new] = rows
         self._pending = None
         self.stats.new_neurons += len(new)
         self.stats.occupancy = self.n / self.slots
 
     def abort(self):
-        """The read failed: the pending neurons stay out (the next step asks for them again)."""
+        """The read failed: the pending neurons stay out (the next step asks for them again), and
+        the rows reserved for them are closed like deletions."""
+        _, rows = self._pending
         self._pending = None
+        self._place(0, rows)
 
-    def _evict(self):
-        """Drop cached neurons outside the window; the last rows fill the holes."""
-        n = self.n
-        cached = self.slot_to_neuron[:n]  # (n,)
-        gone = self._count[cached] == 0  # (n,) rows to free
-        n_gone = int(np.count_nonzero(gone))
-        if n_gone == 0:
-            return
-        self.neuron_to_slot[cached[gone]] = -1
-        n2 = n - n_gone
-        holes = np.flatnonzero(gone[:n2])  # freed rows below the new end
-        movers = n2 + np.flatnonzero(~gone[n2:])  # kept rows above it; as many as holes
+    def _evict(self) -> np.ndarray:
+        """Forget the cached neurons outside the window; returns their rows (holes in [0, n), sorted)."""
+        cached = self.slot_to_neuron[: self.n]  # (n,)
+        holes = np.flatnonzero(self._count[cached] == 0)
         if len(holes):
-            if self.rows is not None:
-                self._words[holes] = self._words[movers]  # (h, row) copy, no reallocation
-                self.stats.bytes_moved += len(holes) * self.rows.shape[1]
+            self.neuron_to_slot[cached[holes]] = -1
+            self.slot_to_neuron[holes] = -1
+            self.stats.evicted += len(holes)
+        return holes
+
+    def _place(self, m: int, holes: np.ndarray) -> np.ndarray:
+        """Rows for m new neurons, given the holes in [0, n): the holes first, then rows past the end.
+        When fewer arrive than left, the last rows move into the holes that remain (the paper's
+        delete), the fewest moves that keep rows [0, n) without holes; n becomes the new count."""
+        n, g = self.n, len(holes)
+        if m >= g:  # steady state: new neurons take the freed rows, no row moves
+            self.n = n + m - g
+            return np.concatenate([holes, np.arange(n, self.n)])
+        end = n - g + m
+        low = holes[holes < end]  # to be filled: by the rows past `end` that are occupied, then by new ones
+        movers = end + np.flatnonzero(self.slot_to_neuron[end:n] >= 0)
+        k = len(movers)
+        if k:
+            dest = low[:k]
+            if self.buffer is not None:
+                self.stats.bytes_moved += self.buffer.move(dest, movers)
             moved = self.slot_to_neuron[movers]
-            self.slot_to_neuron[holes] = moved
-            self.neuron_to_slot[moved] = holes
-            self.stats.rows_moved += len(holes)
-        self.slot_to_neuron[n2:n] = -1
-        self.n = n2
-        self.stats.evicted += n_gone
-        assert self.rows is None or self.rows.ctypes.data == self._address, "buffer was reallocated"
+            self.slot_to_neuron[dest] = moved
+            self.neuron_to_slot[moved] = dest
+            self.slot_to_neuron[movers] = -1
+            self.stats.rows_moved += k
+        self.n = end
+        return low[k:]
 
     # -- lookups
 
@@ -222,23 +303,30 @@ class Loaded:
     n: int  # rows [0, n) hold the window's neurons
     new: int  # bundles read (fillers included)
     filled: int  # of those, read only because coalescing joined two runs
-    memory_s: float  # window bookkeeping, row moves, commit
-    io_s: float  # the read
+    read: ReadStats  # the reads, summed over the staging rounds
+    memory_s: float  # window bookkeeping, row moves, copies from the staging area, commit
+    io_s: float  # the reads
 
 
-def load_active(cache: NeuronCache, reader, layer: int, dest, active: np.ndarray) -> Loaded:
+def load_active(cache: NeuronCache, reader, layer: int, staging: BundleBuffer, active: np.ndarray) -> Loaded:
     """The window protocol: slide the window to this token's active neurons, read the new bundles
-    into their rows, commit; nothing half-read enters the cache."""
+    (in rounds of the staging area's rows) and copy them into their rows, commit; nothing
+    half-read enters the cache."""
     filled0 = cache.stats.filled
+    read, io = ReadStats(direct=reader.direct), 0.0
     t0 = time.perf_counter()
-    new, start = cache.step(active)
-    t1 = time.perf_counter()
+    new, rows = cache.step(active)
     try:
-        reader.read(layer, new, dest, start_row=start)
+        for k in range(0, len(new), staging.slots):
+            part = new[k : k + staging.slots]
+            t1 = time.perf_counter()
+            reader.read(layer, part, staging)
+            io += time.perf_counter() - t1
+            read.add(reader.last)
+            cache.buffer.fill(rows[k : k + staging.slots], staging.np[: len(part)])
     except BaseException:
         cache.abort()
         raise
-    t2 = time.perf_counter()
     cache.commit()
-    t3 = time.perf_counter()
-    return Loaded(cache.n, len(new), cache.stats.filled - filled0, (t1 - t0) + (t3 - t2), t2 - t1)
+    total = time.perf_counter() - t0
+    return Loaded(cache.n, len(new), cache.stats.filled - filled0, read, total - io, io)
