@@ -209,7 +209,7 @@ def spec_arch(config: dict) -> str:
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Convert a model into the mlx-flash layout.")
-    p.add_argument("--model", "-m", required=True, help="built-in name, GGUF file, HF folder or Hub id")
+    p.add_argument("--model", "-M", required=True, help="built-in name, GGUF file, HF folder or Hub id")
     p.add_argument("--out", "-o", default=None, help="output folder (default: models/<name>)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="float type of the bundles (default: the source's)")

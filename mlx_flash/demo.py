@@ -56,15 +56,19 @@ def run(label: str, model, tokenizer, prompt: str, max_tokens: int):
     print(stats_line(last), file=sys.stderr, flush=True)
 
 
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Convert the built-in model and generate from it.")
+    p.add_argument("--model", "-M", default=DEFAULT_MODEL, help="built-in name or any source (default: %(default)s)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", "-m", type=int, default=24)
+    p.add_argument("--dram-budget", default=DEFAULT_BUDGET, help="flash run's budget (default: %(default)s)")
+    p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
+    return p
+
+
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert the built-in model and generate from it.")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--dram-budget", default=DEFAULT_BUDGET)
-    p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
-    args = p.parse_args(argv)
+    args = setup_arg_parser().parse_args(argv)
 
     folder = prepare(args.model, announce=step)
     model, tokenizer = load(str(folder), mode="dense")

@@ -540,7 +540,7 @@ def setup_arg_parser():
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="longer prompts are refused (default: %(default)s)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no access log")
+    p.add_argument("--quiet", action="store_true", help="no access log")
     return p
 
 
