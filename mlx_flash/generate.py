@@ -8,7 +8,6 @@ Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
 """
 
 import argparse
-import resource
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
@@ -20,6 +19,7 @@ from mlx_lm.sample_utils import make_sampler
 from .errors import FlashError, cli
 from .load import MODES, load
 from .sources import DEFAULT_MODEL
+from .system import peak_rss_bytes
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100
@@ -99,9 +99,7 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
 
 def stats_line(r: Response) -> str:
     ms = 1000.0 / r.generation_tps if r.generation_tps else float("nan")
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-    if sys.platform == "darwin":
-        rss_gb /= 1024  # bytes on macOS
+    rss_gb = peak_rss_bytes() / 1e9
     f = r.flash
     read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
     return (
