@@ -165,6 +165,20 @@ def test_system_calls_on_macos_paths(macos_calls, tmp_path):
     assert system.rss_bytes() > 0 and system.mem_available() > 0 and system.logical_block_size(path) == 512
 
 
+def test_flash_generation_and_probe_on_macos_paths(trained_flash, macos_calls, tmp_path):
+    from mlx_flash.generate import stream
+    from mlx_flash.load import load
+
+    model, tokenizer = load(str(trained_flash("opt_pre_ln")), mode="flash")
+    steps = list(stream(model, tokenizer, "hello", max_tokens=3))
+    assert len(steps) == 3 and macos_calls and model.flash_stats.snapshot()["bytes_read_per_token"] > 0
+    model.flash_reader.close()
+    path = tmp_path / "probe.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    r = probe.probe_disk(path, [4096], [2], nbytes=128 << 10)
+    assert r["points"][0]["gb_per_s"] > 0
+
+
 def test_naive_and_hybrid_rows_on_macos_paths(trained_flash, macos_calls, tmp_path, capsys):
     """The benchmark's baselines run on macOS's calls, and the report stays honest: on Linux
     msync(MS_INVALIDATE) leaves the pages cached, so the cold reads are not claimed."""
