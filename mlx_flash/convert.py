@@ -32,7 +32,7 @@ from .format import (
     FlashConfig,
     round_up,
 )
-from .sources import build_model, copy_tokenizer, models_dir, read_source
+from .sources import build_model, copy_tokenizer, default_folder, read_source
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -225,7 +225,7 @@ def setup_arg_parser():
 @cli
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    out = args.out or models_dir() / Path(args.model.rstrip("/")).name.replace(".gguf", "")
+    out = args.out or default_folder(args.model)
     convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align)
 
 

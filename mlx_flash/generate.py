@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import FlashError, cli
 from .load import MODES, load
+from .prepare import model_for
 from .sources import DEFAULT_MODEL
 from .system import peak_rss_bytes
 
@@ -112,7 +113,8 @@ def stats_line(r: Response) -> str:
 def add_model_arguments(p):
     """--model, --mode and the flash options: shared by generate and the server."""
     p.add_argument("--model", "-M", default=DEFAULT_MODEL,
-                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s)")
+                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s); "
+                        "a built-in name in flash mode is converted and calibrated on first use")
     p.add_argument("--mode", choices=MODES, default="dense",
                    help="dense: all weights in memory; flash: FFN neurons streamed from disk")
     p.add_argument("--dram-budget", default=None,
@@ -161,7 +163,7 @@ def main(argv=None):
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
         raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
-    model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
+    model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None
     for r in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 from .errors import FlashError, cli
 from .generate import Response, StopFilter, add_model_arguments, flash_options, stream
 from .load import load
+from .prepare import model_for
 from .sizes import parse_size
 
 DEFAULT_HOST = "127.0.0.1"
@@ -657,7 +658,7 @@ def main(argv=None):
         raise FlashError("--max-body must be at least 1 byte")
     if not 0 <= args.port <= 65535:
         raise FlashError(f"--port must be in 0..65535, got {args.port}")
-    model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
+    model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     engine = Engine(model, tokenizer, model_id(args.model), args.mode, args.max_prompt_tokens,
                     aliases=[args.model], log=log)
     httpd = make_server(engine, args.host, args.port, max_body=args.max_body, quiet=args.quiet)

@@ -27,6 +27,7 @@ import mmap
 import os
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -216,6 +217,20 @@ def readahead_bytes(path: Path) -> int:
     except OSError:
         pass
     return 128 * 1024  # the kernel's default
+
+
+@contextmanager
+def exclusive_lock(folder: Path):
+    """Hold an exclusive lock on a folder (flock, Linux and macOS): processes that prepare a model
+    in it take turns instead of writing the same files at once."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # MARK: - counters

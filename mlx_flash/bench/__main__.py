@@ -26,6 +26,7 @@ from typing import List
 
 from ..errors import FlashError, cli
 from ..flash.budget import model_bytes
+from ..prepare import model_for
 from ..sizes import parse_size
 from ..system import direct_read_method, eviction_method, rss_bytes
 from . import scale
@@ -53,7 +54,8 @@ def setup_arg_parser():
     p = argparse.ArgumentParser(prog="python -m mlx_flash.bench",
                                 description="Benchmark dense, naive mmap, hybrid and flash rows on one model "
                                             "(the paper's Tables 2-3, Figures 1 and 7).")
-    p.add_argument("--model", "-M", default=None, help="converted flash model folder with trained predictors")
+    p.add_argument("--model", "-M", default=None, help="converted flash model folder with trained predictors, or a "
+                                                          "built-in name (converted and calibrated on first use)")
     p.add_argument("--dram-budget", "-b", default=DEFAULT_BUDGET,
                    help="fraction of the model (0.5), bytes (60M), or 'min': the smallest flash fits")
     p.add_argument("--baseline-share", default=None,
@@ -105,6 +107,7 @@ def main(argv=None):
         apply_quick(args, argv)
     if args.model is None:
         raise FlashError("--model is required (or --scale for the synthetic model)")
+    args.model = model_for(args.model)  # a built-in name: its converted, calibrated copy
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad or not rows:
