@@ -88,7 +88,7 @@ def test_server_serves_the_prepared_copy(builtin, monkeypatch):
         def server_close(self):
             pass
 
-    monkeypatch.setattr(server, "make_server", lambda engine, *a, **k: served.setdefault("engine", engine) and NoServe())
+    monkeypatch.setattr(server, "make_server", lambda engine, *a, **k: served.update(engine=engine) or NoServe())
     server.main(["--model", NAME, "--mode", "flash", "--port", "0", "--quiet"])
     engine = served["engine"]
     assert engine.model_id == NAME and engine.mode == "flash" and engine.model.flash_plan.model > 0

@@ -258,7 +258,8 @@ def print_report(r: dict, cfg) -> None:
               f"{probe['bytes_per_point'] / 2**20:.0f} MiB per point: " + ", ".join(
                   f"{p['chunk'] / 1024:.1f} KiB {p['gb_per_s']:.2f} GB/s" for p in probe["points"]))
     print("\ncolumns: MB read/token = bytes the row's reads fetched (logical); disk MB/token = bytes this process "
-          "read from storage (Linux: /proc/self/io, macOS: proc_pid_rusage; - where unknown); of probe = achieved GB/s against random direct reads of the row's mean read size at its "
-          "thread count (hybrid reads sequentially, so it can pass 100%); compute = attention + FFN + the rest; "
+          "read from storage (Linux: /proc/self/io, macOS: proc_pid_rusage; - where unknown); of probe = achieved "
+          "GB/s against random direct reads of the row's mean read size at its thread count (hybrid reads "
+          "sequentially, so it can pass 100%); compute = attention + FFN + the rest; "
           "peak MB = MLX's peak + ffn.bundles pages in the page cache (naive: with the kernel's async readahead); "
           "agreement = greedy next-token agreement with dense; ppl = perplexity of the text's next tokens")
