@@ -8,8 +8,9 @@ planned and reported (`BaselinePlan.total`), not part of that share:
 
 - `MmapFFN` ("naive"): the layer's bundles through a memory map of `ffn.bundles`
   whose pages are cold every token. Touching them faults them in (I/O), copying
-  them into an MLX array and evicting them again (madvise DONTNEED on the
-  mapping + posix_fadvise DONTNEED on the file) is memory management.
+  them into an MLX array and evicting them again (`system.MappedBundles.evict`:
+  madvise + posix_fadvise on Linux, msync(MS_INVALIDATE) on macOS) is memory
+  management; mincore then checks that the pages went.
 - `HybridFFN` (the paper's stronger baseline): `BundleReader.read_layer_all`,
   large sequential direct reads into one preallocated buffer (I/O), no copies.
 - `ResidentFFN`: a dense layer kept in DRAM (the resident half, and the dense row).
@@ -57,6 +58,8 @@ class MapStats:
     major_faults: int = 0  # decode tokens only
     warm_bytes: int = 0  # bytes of a layer already cached before its first touch (readahead of the layer before)
     peak_cached_bytes: int = 0  # largest page-cache footprint of ffn.bundles seen (before each eviction)
+    evicted_bytes: int = 0  # decode tokens: bytes the evictions covered
+    stayed_cached_bytes: int = 0  # of those, what mincore still found cached right after (0: verified cold)
 
     def reset(self):
         self.__init__()
@@ -137,20 +140,22 @@ class MmapFFN(_Timed):
         t2 = time.perf_counter()
         cached = self.mapped.resident_bytes()  # bookkeeping of the benchmark, not timed
         t3 = time.perf_counter()
+        span = (0, self.mapped.size) if self.last else (self.offset, round_up(self.nbytes, PAGE))
         if self.evict:
-            if self.last:
-                self.mapped.evict()
-            else:
-                self.mapped.evict(self.offset, round_up(self.nbytes, PAGE))
+            self.mapped.evict(*span)
         t4 = time.perf_counter()
+        if self.evict and decode:  # did the pages go? (bookkeeping, not timed)
+            ms.evicted_bytes += span[1]
+            ms.stayed_cached_bytes += self.mapped.resident_bytes(*span)
+        t5 = time.perf_counter()
         y = bundle_ffn(xs, self.spec, field_arrays(rows, self.cfg.layout), self.down_bias, self.cfg.quantization)
         mx.eval(y)
-        t5 = time.perf_counter()
+        t6 = time.perf_counter()
         ms.peak_cached_bytes = max(ms.peak_cached_bytes, cached)
         if decode:
             s.io_s += t1 - t0
             s.memory_s += (t2 - t1) + (t4 - t3)
-            s.ffn_s += t5 - t4
+            s.ffn_s += t6 - t5
             s.bytes_read += self.nbytes
             s.bytes_requested += self.nbytes
             s.bundles += self.cfg.d_ff

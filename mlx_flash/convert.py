@@ -32,7 +32,7 @@ from .format import (
     FlashConfig,
     round_up,
 )
-from .sources import build_model, copy_tokenizer, models_dir, read_source
+from .sources import build_model, copy_tokenizer, default_folder, read_source
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -209,7 +209,7 @@ def spec_arch(config: dict) -> str:
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Convert a model into the mlx-flash layout.")
-    p.add_argument("--model", "-m", required=True, help="built-in name, GGUF file, HF folder or Hub id")
+    p.add_argument("--model", "-M", required=True, help="built-in name, GGUF file, HF folder or Hub id")
     p.add_argument("--out", "-o", default=None, help="output folder (default: models/<name>)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="float type of the bundles (default: the source's)")
@@ -225,7 +225,7 @@ def setup_arg_parser():
 @cli
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
-    out = args.out or models_dir() / Path(args.model.rstrip("/")).name.replace(".gguf", "")
+    out = args.out or default_folder(args.model)
     convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align)
 
 

@@ -12,13 +12,11 @@
 import argparse
 import sys
 
-from .convert import convert
 from .errors import cli
-from .format import FlashConfig
 from .generate import DEFAULT_PROMPT, stats_line, stream
-from .load import is_flash_folder, load
-from .sources import DEFAULT_MODEL, models_dir
-from .train_predictors import train
+from .load import load
+from .prepare import prepare
+from .sources import DEFAULT_MODEL
 
 # The built-in model's embedding and attention are ~45% of it and its SwiGLU FFN is barely sparse:
 # flash mode needs more memory than the model to stay within a few % of dense perplexity (README, Results).
@@ -28,21 +26,6 @@ DEFAULT_RECALL = None  # the calibrated one (0.95); windows that must shrink cos
 
 def step(msg: str):
     print(f"\n== {msg}", file=sys.stderr, flush=True)
-
-
-def prepare(model: str = DEFAULT_MODEL, folder=None, announce=lambda msg: None):
-    """Convert a model into models/<name> and train its predictors, each only if not done yet.
-
-    Returns the folder. Calibration uses half the default tokens, to keep a first run short on a CPU.
-    """
-    folder = folder or models_dir() / model
-    if not is_flash_folder(folder):
-        announce(f"converting {model} into the flash layout at {folder}")
-        convert(model, folder)
-    if FlashConfig.load(folder).predictors is None:
-        announce("calibrating sparsity and training the activation predictors (once)")
-        train(folder, tokens=1024)
-    return folder
 
 
 def run(label: str, model, tokenizer, prompt: str, max_tokens: int):
@@ -56,15 +39,19 @@ def run(label: str, model, tokenizer, prompt: str, max_tokens: int):
     print(stats_line(last), file=sys.stderr, flush=True)
 
 
+def setup_arg_parser():
+    p = argparse.ArgumentParser(description="Convert the built-in model and generate from it.")
+    p.add_argument("--model", "-M", default=DEFAULT_MODEL, help="built-in name or any source (default: %(default)s)")
+    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", "-m", type=int, default=24)
+    p.add_argument("--dram-budget", default=DEFAULT_BUDGET, help="flash run's budget (default: %(default)s)")
+    p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
+    return p
+
+
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert the built-in model and generate from it.")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-tokens", type=int, default=24)
-    p.add_argument("--dram-budget", default=DEFAULT_BUDGET)
-    p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
-    args = p.parse_args(argv)
+    args = setup_arg_parser().parse_args(argv)
 
     folder = prepare(args.model, announce=step)
     model, tokenizer = load(str(folder), mode="dense")

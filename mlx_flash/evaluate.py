@@ -1,6 +1,7 @@
 """Quality of flash mode against dense: perplexity and greedy-token agreement on held-out text.
 
     python -m mlx_flash.evaluate --model models/smollm2-135m [--text FILE] [--tokens 256] [--mode both]
+    python -m mlx_flash.evaluate --model smollm2-135m   (a built-in name: prepared once, then reused)
 
 Flash mode is evaluated the way it generates: one token at a time with a KV
 cache, so the neuron windows slide exactly as in generation (teacher forcing:
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from .errors import FlashError, cli
 from .flash.sparsity import HELDOUT_TEXT, encode_long
 from .load import is_flash_folder, load_flash
+from .prepare import model_for
 from .sources import load_tokenizer, resolve
 
 DEFAULT_TOKENS = 256
@@ -70,7 +72,7 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
 
     configs: flash option dicts to evaluate one after another (default: one, `flash_options`).
     """
-    folder = resolve(str(folder))
+    folder = resolve(model_for(str(folder)))  # a built-in name: its converted, calibrated copy
     if not is_flash_folder(folder):
         raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
     tokenizer = load_tokenizer(folder)
@@ -121,7 +123,8 @@ def markdown(r: dict) -> str:
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Perplexity and agreement of flash mode against dense.")
-    p.add_argument("--model", "-M", required=True, help="converted flash model folder")
+    p.add_argument("--model", "-M", required=True,
+                   help="converted flash model folder, or a built-in name (converted and calibrated on first use)")
     p.add_argument("--text", default=None, help="held-out text file (default: mlx_flash/data/heldout.txt)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     p.add_argument("--mode", choices=["dense", "flash", "both"], default="both")

@@ -8,7 +8,6 @@ Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
 """
 
 import argparse
-import resource
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
@@ -19,7 +18,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import FlashError, cli
 from .load import MODES, load
+from .prepare import model_for
 from .sources import DEFAULT_MODEL
+from .system import peak_rss_bytes
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100
@@ -99,9 +100,7 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
 
 def stats_line(r: Response) -> str:
     ms = 1000.0 / r.generation_tps if r.generation_tps else float("nan")
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
-    if sys.platform == "darwin":
-        rss_gb /= 1024  # bytes on macOS
+    rss_gb = peak_rss_bytes() / 1e9
     f = r.flash
     read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
     return (
@@ -114,7 +113,8 @@ def stats_line(r: Response) -> str:
 def add_model_arguments(p):
     """--model, --mode and the flash options: shared by generate and the server."""
     p.add_argument("--model", "-M", default=DEFAULT_MODEL,
-                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s)")
+                   help="built-in name, GGUF file, HF folder, flash folder or Hub id (default: %(default)s); "
+                        "a built-in name in flash mode is converted and calibrated on first use")
     p.add_argument("--mode", choices=MODES, default="dense",
                    help="dense: all weights in memory; flash: FFN neurons streamed from disk")
     p.add_argument("--dram-budget", default=None,
@@ -165,7 +165,7 @@ def main(argv=None):
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
         raise FlashError("--dram-budget, --window, --threads, --recall and --profile apply to --mode flash only")
-    model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
+    model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None
     for r in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):

@@ -3,6 +3,7 @@
     model, tokenizer = load("smollm2-135m")                       # the source, dense
     model, tokenizer = load("models/smollm2-135m", mode="dense")  # converted, FFN read from bundles
     model, tokenizer = load("models/smollm2-135m", mode="flash", dram_budget=0.6)
+    model, tokenizer = load("smollm2-135m", mode="flash")  # its copy in models/ (mlx_flash.prepare)
 
 The model is an mlx-lm-compatible nn.Module (`layers`, `__call__(inputs, cache)`),
 so mlx-lm's generation loop, samplers and KV cache drive it. Only the FFN
@@ -29,7 +30,9 @@ from .format import (
 )
 from .models.ffn import BundleFFN
 from .sources import (
+    BUILTIN_MODELS,
     build_model,
+    default_folder,
     load_tokenizer,
     model_class,
     quantize_like,
@@ -112,6 +115,11 @@ def load(model: str, mode: str = "dense", **flash_options):
     """Returns (model, tokenizer) for a built-in name, GGUF, HF folder, Hub id or flash folder."""
     if mode not in MODES:
         raise FlashError(f"unknown mode '{mode}' (choose from {', '.join(MODES)})")
+    if model in BUILTIN_MODELS and mode == "flash":
+        if not is_flash_folder(default_folder(model)):
+            raise FlashError(f"flash mode needs the converted, calibrated copy of {model}: the commands prepare it "
+                             f"on first use, Python with mlx_flash.prepare.prepare('{model}')")
+        model = str(default_folder(model))
     path = resolve(model)
     if is_flash_folder(path):
         net, _ = load_flash(path, mode, **flash_options)

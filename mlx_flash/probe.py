@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .bench import probe, windowing
 from .errors import FlashError, cli
+from .prepare import model_for
 
 
 def setup_arg_parser():
@@ -27,6 +28,7 @@ def setup_arg_parser():
 @cli
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    args.model = model_for(args.model)  # a built-in name: its converted, calibrated copy
     if not Path(args.model).is_dir():
         raise FlashError(f"{args.model} is not a model folder")
     return (probe if args.command == "disk" else windowing).run(args)

@@ -10,7 +10,9 @@ bytes read per token, ...) that OpenAI clients ignore.
 
 One model generates one request at a time: requests wait in arrival order (FIFO), and a
 client that disconnects stops its generation. Errors a client causes get an OpenAI-style
-error object and a 4xx status; the server stays up.
+error object and a 4xx status; the server stays up. Bodies larger than --max-body get 413
+as soon as that is known (from Content-Length, before reading; or while reading a chunked
+body); JSON nested deeper than MAX_JSON_DEPTH gets 400.
 
 Request handling is a chain of small functions, testable without HTTP:
 parse_body -> parse_request -> Engine.encode -> Engine.generate -> chunk / response.
@@ -36,12 +38,16 @@ from urllib.parse import urlsplit
 from .errors import FlashError, cli
 from .generate import Response, StopFilter, add_model_arguments, flash_options, stream
 from .load import load
+from .prepare import model_for
+from .sizes import parse_size
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_TOKENS = 512  # when a request gives no max_tokens
 DEFAULT_MAX_PROMPT_TOKENS = 8192
-MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413
+MAX_BODY_BYTES = 1 << 20  # larger request bodies get 413 (--max-body)
+MAX_JSON_DEPTH = 64  # deeper bodies get 400: a chat request nests 4-5 levels, a tool's JSON schema a dozen
+LINGER_S = 5.0  # after refusing a body, how long its remaining bytes are read away (see Handler.finish)
 SOCKET_TIMEOUT_S = 120  # a client that sends nothing (or reads nothing) for this long is dropped
 HISTORY = 1000  # finished requests kept in Engine.history
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -78,13 +84,31 @@ class GenRequest:
     stream: bool = False
 
 
-def parse_body(body: bytes) -> dict:
+def json_depth(obj, limit: int) -> int:
+    """Nesting depth of decoded JSON (a scalar: 0, `[]`: 1, `[[1]]`: 2), level by level without
+    recursion; counting stops past `limit`."""
+    depth, level = 0, [obj]
+    while depth <= limit:
+        level = [o for o in level if isinstance(o, (dict, list))]
+        if not level:
+            break
+        depth += 1
+        level = [v for o in level for v in (o.values() if isinstance(o, dict) else o)]
+    return depth
+
+
+def parse_body(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    too_deep = RequestError(f"the request body nests JSON deeper than {max_depth} levels", code="invalid_json")
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}", code="invalid_json")
+    except RecursionError:  # json's decoder recurses: far too deep
+        raise too_deep
     if not isinstance(obj, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
+    if json_depth(obj, max_depth) > max_depth:
+        raise too_deep
     return obj
 
 
@@ -465,23 +489,76 @@ class Handler(BaseHTTPRequestHandler):
 
     # MARK: plumbing
 
+    def parse_request(self) -> bool:
+        self.body_read = False  # per request: whether its body was read to the end
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        """`Expect: 100-continue` (curl sends it for large bodies): refuse a body that is too large
+        before the client sends it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.max_body:
+            self.send_json(413, error_body(**too_large(int(length), self.server.max_body)), close=True)
+            return False
+        return super().handle_expect_100()
+
     def read_body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("a JSON body with a Content-Length header is required", code="length_required",
-                               status=411)
-        try:
+        """The JSON body: its length from Content-Length (refused before reading when too large) or
+        from chunked transfer encoding (refused as soon as the chunks pass the limit)."""
+        limit = self.server.max_body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self.read_chunked(limit)
+        else:
+            length = self.headers.get("Content-Length")
+            if length is None:
+                raise RequestError("a JSON body with a Content-Length header (or chunked transfer encoding) is "
+                                   "required", code="length_required", status=411)
+            if not length.strip().isdigit():
+                raise RequestError(f"bad Content-Length '{length}'", code="invalid_header")
             n = int(length)
-            assert n >= 0
-        except (ValueError, AssertionError):
-            raise RequestError(f"bad Content-Length '{length}'", code="invalid_header")
-        if n > self.server.max_body:
-            raise RequestError(f"the request body has {n} bytes, more than this server's limit of "
-                               f"{self.server.max_body}", code="request_too_large", status=413)
-        body = self.rfile.read(n)
-        if len(body) < n:
-            raise ConnectionAbortedError("the client closed the connection while sending")
+            if n > limit:
+                raise RequestError(**too_large(n, limit), status=413)
+            body = self.rfile.read(n)
+            if len(body) < n:
+                raise ConnectionAbortedError("the client closed the connection while sending")
+        self.body_read = True
         return parse_body(body)
+
+    def read_chunked(self, limit: int) -> bytes:
+        """A chunked body (RFC 9112, section 7.1): size lines in hex, data, CRLF; a 0 size ends it."""
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                raise ConnectionAbortedError("the client closed the connection while sending")
+            try:
+                size = int(line.split(b";")[0].strip(), 16)  # ";..." are chunk extensions
+                assert line.endswith(b"\n") and size >= 0
+            except (ValueError, AssertionError):
+                raise RequestError(f"bad chunk size line {line[:40]!r}", code="invalid_header")
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise RequestError(**too_large(total, limit, chunked=True), status=413)
+            data = self.rfile.read(size + 2)  # the chunk and its CRLF
+            if len(data) < size + 2:
+                raise ConnectionAbortedError("the client closed the connection while sending")
+            parts.append(data[:size])
+        while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailer fields, then a blank line
+            pass
+        return b"".join(parts)
+
+    def finish(self):
+        super().finish()
+        # a request refused before its body was read: read the rest away before closing (nginx's
+        # lingering close), or the unread bytes make the kernel reset the connection and the
+        # client loses the reply it has not read yet
+        headers = getattr(self, "headers", None)
+        declared = headers is not None and (headers.get("Content-Length", "0") not in ("0", "")
+                                            or "chunked" in headers.get("Transfer-Encoding", "").lower())
+        if declared and not getattr(self, "body_read", True):
+            linger(self.connection)
 
     def send_json(self, status: int, obj: dict, close: bool = False, headers=None):
         data = to_json(obj)
@@ -517,6 +594,26 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
 
+def too_large(n: int, limit: int, chunked: bool = False) -> dict:
+    """The 413 error's fields."""
+    size = f"passes {limit} bytes" if chunked else f"has {n} bytes"
+    return {"message": f"the request body {size}, more than this server's limit of {limit} bytes (--max-body)",
+            "code": "request_too_large"}
+
+
+def linger(sock: socket.socket, seconds: float = LINGER_S):
+    """Half-close, then read and drop what the client still sends, until it closes or `seconds` pass."""
+    try:
+        sock.shutdown(socket.SHUT_WR)  # the reply is complete: the client reads it, then EOF
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            sock.settimeout(min(left, 1.0))
+            if not sock.recv(1 << 16):
+                return
+    except OSError:  # timed out, or reset: give up
+        pass
+
+
 def make_server(engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options) -> FlashServer:
     """Bind (port 0: any free port); call serve_forever() to serve."""
     try:
@@ -540,7 +637,9 @@ def setup_arg_parser():
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port; default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="longer prompts are refused (default: %(default)s)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no access log")
+    p.add_argument("--max-body", type=lambda s: parse_size(s, "--max-body"), default=MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413, e.g. 512K, 4M (default: 1M)")
+    p.add_argument("--quiet", action="store_true", help="no access log")
     return p
 
 
@@ -555,12 +654,14 @@ def main(argv=None):
         raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
     if args.max_prompt_tokens < 1:
         raise FlashError("--max-prompt-tokens must be at least 1")
+    if args.max_body < 1:
+        raise FlashError("--max-body must be at least 1 byte")
     if not 0 <= args.port <= 65535:
         raise FlashError(f"--port must be in 0..65535, got {args.port}")
-    model, tokenizer = load(args.model, mode=args.mode, **flash_options(args))
+    model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     engine = Engine(model, tokenizer, model_id(args.model), args.mode, args.max_prompt_tokens,
                     aliases=[args.model], log=log)
-    httpd = make_server(engine, args.host, args.port, quiet=args.quiet)
+    httpd = make_server(engine, args.host, args.port, max_body=args.max_body, quiet=args.quiet)
     print(f"serving {engine.model_id} on {httpd.url}", flush=True)
     try:
         httpd.serve_forever()

@@ -43,6 +43,12 @@ def models_dir() -> Path:
     return Path.home() / ".cache" / "mlx-flash" / "models"
 
 
+def default_folder(model: str) -> Path:
+    """Where a model's converted copy goes unless told otherwise: models/<name> (a built-in name,
+    a file or folder's name without .gguf, a Hub id's last part)."""
+    return models_dir() / Path(model.rstrip("/")).name.removesuffix(".gguf")
+
+
 @dataclass
 class Source:
     """A model as read from its source, before conversion: HF names, possibly quantized."""

@@ -10,10 +10,10 @@ agree until the predictors miss a neuron that matters.
 import argparse
 from pathlib import Path
 
-from mlx_flash.demo import prepare
 from mlx_flash.errors import cli
 from mlx_flash.generate import stream
 from mlx_flash.load import load
+from mlx_flash.prepare import prepare
 from mlx_flash.sources import DEFAULT_MODEL, models_dir
 
 DEFAULT_FOLDER = str(models_dir() / DEFAULT_MODEL)

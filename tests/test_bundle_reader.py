@@ -285,7 +285,7 @@ def test_memory_filesystem_refused(tmp_path):
 def test_block_size_must_divide_alignment(f16, monkeypatch):
     folder, cfg, _ = f16
     monkeypatch.setattr(br, "logical_block_size", lambda path: 4096)
-    with pytest.raises(FlashError, match="reconvert with --alignment 4096"):
+    with pytest.raises(FlashError, match="reconvert with --align 4096"):
         BundleReader(folder, cfg)
     BundleReader(folder, cfg, direct=False).close()  # no direct I/O, no constraint
 

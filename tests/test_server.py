@@ -21,8 +21,8 @@ import pytest
 from mlx_flash.generate import Response, stream
 from mlx_flash.load import load
 from mlx_flash.server import (
-    CHAT, TEXT, Engine, FifoLock, RequestError, StopFilter, chunk, flash_field, make_server, parse_body,
-    parse_request, response,
+    CHAT, MAX_BODY_BYTES, MAX_JSON_DEPTH, TEXT, Engine, FifoLock, RequestError, StopFilter, chunk, flash_field,
+    json_depth, make_server, parse_body, parse_request, response,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +118,20 @@ def test_parse_body_and_unknown_model():
     with pytest.raises(RequestError) as e:
         parse_request({"model": "gpt-4", "prompt": "x"}, TEXT, ("m", "default"))
     assert (e.value.status, e.value.code) == (404, "model_not_found")
+
+
+def nested(depth: int) -> bytes:
+    """A chat request whose "stop" nests `depth` levels below the top object."""
+    return b'{"messages": [], "stop": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_json_depth_limit():
+    assert [json_depth(v, 64) for v in (1, [], {"a": [{"b": {}}]}, [[1], 2])] == [0, 1, 4, 2]
+    assert parse_body(nested(MAX_JSON_DEPTH))["messages"] == []
+    for depth in (MAX_JSON_DEPTH + 1, 100_000):  # the second is past Python's recursion limit
+        with pytest.raises(RequestError) as e:
+            parse_body(nested(depth))
+        assert e.value.status == 400 and f"deeper than {MAX_JSON_DEPTH}" in e.value.message
 
 
 def test_stop_filter_holds_back_a_possible_stop():
@@ -335,6 +349,8 @@ BAD = [  # (method, path, body, status, param)
     ("POST", "/v1/embeddings", {"input": "x"}, 404, None),
     ("GET", "/v1/chat/completions", None, 405, None),
     ("DELETE", "/v1/models", None, 405, None),
+    ("POST", "/v1/chat/completions", nested(MAX_JSON_DEPTH + 1), 400, None),
+    ("POST", "/v1/chat/completions", nested(100_000), 400, None),  # was a 500 (RecursionError)
 ]
 
 
@@ -371,6 +387,70 @@ def test_bad_bodies(server, client, headers, status):
     assert client.models.list().data
 
 
+def send_raw(server, head: bytes, body: bytes = b"") -> tuple:
+    """Send raw bytes (another thread sends the body, as a client that does not wait would);
+    returns (status, JSON reply) read after the server's reply."""
+    sock = socket.create_connection(server.server_address[:2], timeout=30)
+    sock.sendall(head)
+    sender = threading.Thread(target=lambda: sock.sendall(body), daemon=True) if body else None
+    if sender:
+        sender.start()
+    r = http.client.HTTPResponse(sock)
+    r.begin()
+    reply = json.loads(r.read())
+    if sender:
+        sender.join(30)
+    sock.close()
+    return r.status, reply
+
+
+def test_large_body_gets_413_not_a_reset(server, client):
+    """10 MB sent in full by a client that reads the reply only afterwards (http.client): the
+    server refuses it from Content-Length and reads the rest away, so the 413 arrives."""
+    host, port = server.server_address[:2]
+    body = b'{"prompt": "' + b"x" * (10 << 20) + b'"}'
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    err = json.loads(r.read())["error"]
+    conn.close()
+    assert r.status == 413 and err["code"] == "request_too_large" and f"{MAX_BODY_BYTES} bytes" in err["message"]
+    assert client.models.list().data
+
+
+def test_expect_100_continue_refused_before_the_body(server):
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {10 << 20}\r\n"
+            f"Expect: 100-continue\r\n\r\n").encode()
+    status, reply = send_raw(server, head)  # the body is never sent
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
+
+
+def chunked(body: bytes, size: int = 1000) -> bytes:
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def test_chunked_bodies(server):
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, reply = send_raw(server, head, chunked(json.dumps({"prompt": "hello", "max_tokens": 2}).encode()))
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2
+    big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    status, reply = send_raw(server, head, chunked(big, 64 << 10))
+    assert status == 413 and reply["error"]["code"] == "request_too_large"
+
+
+def test_max_body_is_configurable(server):
+    small = make_server(server.engine, "127.0.0.1", 0, max_body=100, quiet=True)
+    threading.Thread(target=small.serve_forever, daemon=True).start()
+    try:
+        assert post(small, "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+        status, raw = post(small, "/v1/completions", {"prompt": "x" * 100, "max_tokens": 1})
+        assert status == 413 and "limit of 100 bytes" in json.loads(raw)["error"]["message"]
+    finally:
+        small.shutdown()
+        small.server_close()
+
+
 def test_prompt_too_long_code(server):
     status, raw = post(server, "/v1/chat/completions",
                        {"messages": [{"role": "user", "content": "hi " * MAX_PROMPT_TOKENS}]})
@@ -395,7 +475,8 @@ def test_cli_serves_and_reports_startup_errors(tiny_flash):
     finally:
         proc.terminate()
         proc.wait(10)
-    for args in (["--model", str(folder / "missing")], ["--model", str(folder), "--dram-budget", "1G"]):
+    for args in (["--model", str(folder / "missing")], ["--model", str(folder), "--dram-budget", "1G"],
+                 ["--model", str(folder), "--max-body", "lots"]):
         bad = subprocess.run([sys.executable, "-m", "mlx_flash.server", "--port", "0", *args], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0

@@ -8,11 +8,14 @@
 The rows and how they are run: mlx_flash.bench.rows. --baseline-share is the weights
 naive and hybrid hold (default: the budget when it is a share of the model, else 0.5).
 Cold pages, two ways (DESIGN.md, "Measuring honestly"):
-- default: the naive row evicts each layer's pages after use (madvise + fadvise
-  DONTNEED) and the whole file after the last layer, and checks with mincore;
+- default: the naive row evicts each layer's pages after use and the whole file after
+  the last layer (system.eviction_method(): madvise + posix_fadvise DONTNEED on Linux,
+  msync(MS_INVALIDATE) on macOS), and checks with mincore that they went: the report
+  says whether that was verified;
 - --cgroup: every row but dense runs inside a memory cgroup (mlx_flash.bench.cgroup).
-Flash rows and hybrid read with O_DIRECT. /proc/self/io's read_bytes gives the
-bytes that really came from the disk, beside the bytes each row asked for.
+Flash rows and hybrid read with direct I/O (O_DIRECT on Linux, F_NOCACHE on macOS).
+The bytes the process read from storage (/proc/self/io; macOS: proc_pid_rusage) stand
+beside the bytes each row asked for.
 """
 
 import argparse
@@ -23,13 +26,14 @@ from typing import List
 
 from ..errors import FlashError, cli
 from ..flash.budget import model_bytes
+from ..prepare import model_for
 from ..sizes import parse_size
-from ..system import rss_bytes
+from ..system import direct_read_method, eviction_method, rss_bytes
 from . import scale
 from .cgroup import cgroup_root, child_main, run_in_cgroup
 from .cli import add_common_arguments, write_outputs
 from .probe import SCRATCH_SIZE
-from .report import add_probe, plot_rows, print_report, summarize, targets
+from .report import add_probe, cold_pages, plot_rows, print_report, summarize, targets
 from .rows import GAP_CANDIDATES, QUICK, ROWS, baseline_budgets, load_setup, resolve_budgets, run_all
 
 DEFAULT_BUDGET = "0.5"
@@ -50,7 +54,8 @@ def setup_arg_parser():
     p = argparse.ArgumentParser(prog="python -m mlx_flash.bench",
                                 description="Benchmark dense, naive mmap, hybrid and flash rows on one model "
                                             "(the paper's Tables 2-3, Figures 1 and 7).")
-    p.add_argument("--model", "-M", default=None, help="converted flash model folder with trained predictors")
+    p.add_argument("--model", "-M", default=None, help="converted flash model folder with trained predictors, or a "
+                                                          "built-in name (converted and calibrated on first use)")
     p.add_argument("--dram-budget", "-b", default=DEFAULT_BUDGET,
                    help="fraction of the model (0.5), bytes (60M), or 'min': the smallest flash fits")
     p.add_argument("--baseline-share", default=None,
@@ -102,6 +107,7 @@ def main(argv=None):
         apply_quick(args, argv)
     if args.model is None:
         raise FlashError("--model is required (or --scale for the synthetic model)")
+    args.model = model_for(args.model)  # a built-in name: its converted, calibrated copy
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad or not rows:
@@ -140,12 +146,10 @@ def main(argv=None):
         probe = add_probe(summary, s.folder, args.threads, parse_size(args.probe_bytes),
                           0 if args.quick else SCRATCH_SIZE, progress=not args.quiet,
                           path=args.probe_file and Path(args.probe_file))
-    eviction = ("memory cgroup (v1) per child process: limit = budget + the child's baseline; the kernel "
-                "evicts" if args.cgroup else "explicit: madvise(MADV_DONTNEED) + posix_fadvise(DONTNEED) on each "
-                "layer's pages after its copy, the whole file after the last layer; checked with mincore")
     result = {"model": str(s.folder), "model_bytes": model_bytes(s.folder, s.cfg), "budgets": budgets,
               "baseline_budgets": base, "rows": rows, "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens,
-              "repeats": args.repeats, "threads": args.threads, "verify": args.verify, "eviction": eviction,
+              "repeats": args.repeats, "threads": args.threads, "verify": args.verify,
+              "eviction": cold_pages(summary, eviction_method(), args.cgroup), "direct_reads": direct_read_method(),
               "cgroup": res.get("cgroup"), "baseline_rss_bytes": baseline_rss, "coalescing": res.get("coalescing") or {},
               "probe": probe, "summary": summary, "runs": res["runs"], "seconds": time.time() - t_start,
               "targets": {l: targets(summary, l) for l in budgets}}

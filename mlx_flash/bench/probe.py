@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import FlashError
 from ..format import BUNDLES_FILE, PAGE
 from ..sizes import parse_size
-from ..system import logical_block_size, open_direct
+from ..system import direct_read_method, logical_block_size, open_direct
 from .cli import figure, write_outputs
 
 DEFAULT_CHUNKS = "4K:4M"  # powers of two between
@@ -150,7 +150,7 @@ def probe_disk(path: Path, chunks: Iterable[int], threads: Iterable[int], nbytes
         p["rounds_gb_per_s"] = [q["gb_per_s"] for q in ps]
         points.append(p)
     return {"file": str(path), "file_bytes": size, "block": block, "bytes_per_point": nbytes, "rounds": rounds,
-            "method": "O_DIRECT/F_NOCACHE, random offsets aligned to 4 KiB (to the disk's block for chunks that "
+            "method": f"{direct_read_method()}, random offsets aligned to 4 KiB (to the disk's block for chunks that "
                       "are not whole pages), ThreadPoolExecutor + os.preadv into page-aligned buffers; median of "
                       "interleaved rounds",
             "points": points}

@@ -10,6 +10,7 @@ from .probe import probe_at, probe_disk, scratch_file
 from .rows import HELD, LABELS, PHASE_LABELS, PHASES, READ, ROWS, key
 
 PROBE_ROUNDS = 3
+STAYED_CACHED_OK = 0.01  # share of the evicted bytes mincore may still find cached (readahead in flight)
 
 
 def aggregate(runs: List[dict], dense_argmax: Optional[List[int]], dense_ppl: Optional[float]) -> dict:
@@ -33,7 +34,8 @@ def aggregate(runs: List[dict], dense_argmax: Optional[List[int]], dense_ppl: Op
     out["truncations"] = max(s["truncations"] for s in st)
     out["disk_bytes_per_token"] = med([r["disk_bytes_per_token"] for r in runs])
     out["prefill_s"] = med([r["prefill_s"] for r in runs])
-    for k in ("major_faults_per_token", "warm_bytes_per_token", "new_bundles_per_token", "filled_bundles_per_token"):
+    for k in ("major_faults_per_token", "warm_bytes_per_token", "evicted_bytes_per_token",
+              "stayed_cached_bytes_per_token", "new_bundles_per_token", "filled_bundles_per_token"):
         if k in runs[0]:
             out[k] = med([r[k] for r in runs])
     for k in ("peak_bytes", "peak_mlx_bytes", "peak_page_cache_bytes", "peak_cgroup_bytes"):
@@ -76,6 +78,29 @@ def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: Li
             if a["fits"] and (a["budget_label"] == label or a["row"] == "dense"):
                 if naive and naive["fits"]:
                     a.setdefault("speedup_vs_naive", {})[label] = naive["ms_total"] / a["ms_total"]
+    return out
+
+def cold_pages(summary: Dict[str, dict], method: str, cgroup: bool) -> dict:
+    """How the naive row's pages were made cold, and whether mincore saw them leave the page cache."""
+    if cgroup:
+        return {"method": "memory cgroup (v1) per child process", "verified": None, "stayed_cached_share": None,
+                "text": "memory cgroup (v1) per child process: limit = budget + the child's baseline; the kernel "
+                        "evicts (not checked page by page)"}
+    out = {"method": method, "verified": None, "stayed_cached_share": None,
+           "text": f"{method}, applied to each layer's pages after its copy and to the whole file after the last layer"}
+    naive = [a for a in summary.values() if a["row"] == "naive" and a["fits"] and a.get("evicted_bytes_per_token")]
+    if not naive:
+        out["text"] += " (not checked: no naive row ran)"
+        return out
+    share = max(a["stayed_cached_bytes_per_token"] / a["evicted_bytes_per_token"] for a in naive)
+    out.update(verified=share <= STAYED_CACHED_OK, stayed_cached_share=share)
+    if out["verified"]:
+        out["text"] += f"; verified with mincore after every eviction ({share:.1%} of the evicted bytes still cached)"
+    else:
+        out["text"] += (f"; NOT verified: mincore found {share:.0%} of the evicted bytes still cached, so pages "
+                        f"stayed warm and the naive row's reads were not all cold")
+        if "msync" in method:
+            out["text"] += " (msync(MS_INVALIDATE) need not drop clean pages: Linux keeps them)"
     return out
 
 def add_probe(summary: Dict[str, dict], folder: Path, threads: int, nbytes: int, scratch_size: int,
@@ -197,8 +222,9 @@ def print_report(r: dict, cfg) -> None:
         f"size {total / 1e6:.1f} MB (resident weights + FFN bundles)",
         f"tokens: {r['prompt_tokens']} prompt + {r['gen_tokens']} decode steps of held-out text (teacher-forced: "
         f"every row sees the same tokens); {r['repeats']} interleaved repetitions after a warm-up, medians",
-        f"cold pages (naive row): {r['eviction']}; flash and hybrid rows read with O_DIRECT, {r['threads']} threads, "
-        f"CRC checks {'on' if r['verify'] else 'off'}",
+        f"cold pages (naive row): {r['eviction']['text']}",
+        f"flash and hybrid rows read with {r['direct_reads']}, {r['threads']} threads, CRC checks "
+        f"{'on' if r['verify'] else 'off'}",
     ]
     if r["cgroup"]:
         c = r["cgroup"]
@@ -231,8 +257,9 @@ def print_report(r: dict, cfg) -> None:
         print(f"\nprobe: direct random reads of {probe['file']} at each row's mean read size, {r['threads']} threads, "
               f"{probe['bytes_per_point'] / 2**20:.0f} MiB per point: " + ", ".join(
                   f"{p['chunk'] / 1024:.1f} KiB {p['gb_per_s']:.2f} GB/s" for p in probe["points"]))
-    print("\ncolumns: MB read/token = bytes the row's reads fetched (logical); disk MB/token = /proc/self/io "
-          "read_bytes; of probe = achieved GB/s against random direct reads of the row's mean read size at its "
-          "thread count (hybrid reads sequentially, so it can pass 100%); compute = attention + FFN + the rest; "
+    print("\ncolumns: MB read/token = bytes the row's reads fetched (logical); disk MB/token = bytes this process "
+          "read from storage (Linux: /proc/self/io, macOS: proc_pid_rusage; - where unknown); of probe = achieved "
+          "GB/s against random direct reads of the row's mean read size at its thread count (hybrid reads "
+          "sequentially, so it can pass 100%); compute = attention + FFN + the rest; "
           "peak MB = MLX's peak + ffn.bundles pages in the page cache (naive: with the kernel's async readahead); "
           "agreement = greedy next-token agreement with dense; ppl = perplexity of the text's next tokens")

@@ -289,8 +289,8 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
             out["peak_cgroup_bytes"] = int((s.cgroup / "memory.max_usage_in_bytes").read_text()) - s.baseline
             out["cgroup_failcnt"] = int((s.cgroup / "memory.failcnt").read_text())
         if r.map_stats is not None:
-            out["major_faults_per_token"] = r.map_stats.major_faults / G
-            out["warm_bytes_per_token"] = r.map_stats.warm_bytes / G
+            for k in ("major_faults", "warm_bytes", "evicted_bytes", "stayed_cached_bytes"):
+                out[f"{k}_per_token"] = getattr(r.map_stats, k) / G
         if caches:  # what the windows asked for during decode, and the gap fillers on top
             out["new_bundles_per_token"] = (sum(c.stats.new_neurons - c.stats.filled for c in caches)
                                             - new0) / G

@@ -27,7 +27,7 @@ The paper's 97% sparsity (3% truly active) is what the 10% predicted covers; it
 does not change what is read, so it is not simulated. The measured shares are
 reported next to the targets.
 
-Rows (all with O_DIRECT, no CRC checks, like the paper):
+Rows (all with direct reads, no CRC checks, like the paper):
 - hybrid: attention + embeddings + whole FFN layers up to half the model stay
   in DRAM; every other layer is read whole (read_layer_all) every token;
 - + predictor: every predicted neuron's bundle, every token (no reuse);
@@ -50,6 +50,7 @@ import numpy as np
 
 from ..errors import FlashError
 from ..format import BUNDLES_FILE, PAGE, BundleLayout, FlashConfig, round_up
+from ..system import direct_read_method
 
 SYNTHETIC_ROWS = ("hybrid", "predictor", "windowing", "all")
 DEFAULT_TOKENS = 32
@@ -476,7 +477,7 @@ def run(argv) -> dict:
           + (f"; measured on {h_layers} layers x {h_tokens} tokens" if h_layers < streamed else ""))
     if extrapolated:
         print(f"measured on {layers} layers; per-token figures = per-layer means x {g.n_layers} (hybrid: x {streamed})")
-    print(f"direct reads (O_DIRECT), {args.threads} threads, no CRC checks; compute "
+    print(f"direct reads ({direct_read_method()}), {args.threads} threads, no CRC checks; compute "
           f"{'timed (random input)' if args.compute else 'skipped'}")
     if "all" in rows:
         print(f"'all' row: coalesce gap {gap_info['gap']}" + (" (" + ", ".join(

@@ -143,7 +143,7 @@ class BundleReader:
             if self.layout.alignment % block:
                 raise FlashError(
                     f"{self.path} was converted with {self.layout.alignment}-byte bundle alignment but "
-                    f"its disk reads in {block}-byte blocks: reconvert with --alignment {max(block, 4096)}"
+                    f"its disk reads in {block}-byte blocks: reconvert with --align {max(block, 4096)}"
                 )
             self.fd = open_direct(self.path)
         else:
@@ -270,7 +270,7 @@ class BundleReader:
                     why = e.strerror
                     if e.errno == errno.EINVAL and self.direct:
                         why += (f" (direct read refused: the disk may need a bundle alignment larger "
-                                f"than {self.layout.alignment}; reconvert with --alignment 4096)")
+                                f"than {self.layout.alignment}; reconvert with --align 4096)")
                     raise self._error(layer, neuron + done // stride, off + done, why)
                 if got == 0 or (got % stride and off + done + got >= os.fstat(self.fd).st_size):
                     raise self._error(layer, neuron + (done + got) // stride, off + done + got,

@@ -1,0 +1,116 @@
+"""Built-in names in flash mode: every command uses the converted, calibrated copy, prepared once.
+
+A tiny random Llama stands in for the built-in model (registered by monkeypatching), and the
+copies go to a temporary MLX_FLASH_MODELS: the real calibration takes minutes.
+"""
+
+import json
+import threading
+
+import pytest
+
+from mlx_flash import bench, evaluate, generate, prepare, probe, server, sources
+from mlx_flash.errors import FlashError
+from mlx_flash.format import FlashConfig
+from mlx_flash.load import load
+
+NAME = "tiny-builtin"
+
+
+@pytest.fixture(scope="module")
+def builtin(tiny_model, tmp_path_factory):
+    """NAME is a built-in model here (its source: a tiny random Llama); returns where its copy goes."""
+    src = tiny_model("llama_silu_tied")
+    models = tmp_path_factory.mktemp("models")
+    real = sources.builtin_path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sources.BUILTIN_MODELS, NAME, ("unused", "unused"))
+        mp.setattr(sources, "builtin_path", lambda name: src if name == NAME else real(name))
+        mp.setenv("MLX_FLASH_MODELS", str(models))
+        mp.setattr(prepare, "CALIBRATION_TOKENS", 512)
+        yield models / NAME
+
+
+def test_load_asks_for_preparation_first(builtin, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_FLASH_MODELS", str(tmp_path))  # nothing prepared there
+    with pytest.raises(FlashError, match=r"mlx_flash.prepare.prepare\('tiny-builtin'\)"):
+        load(NAME, mode="flash")
+
+
+def test_generate_prepares_once_with_progress_on_stderr(builtin, capsys, monkeypatch):
+    generate.main(["--model", NAME, "--mode", "flash", "-m", "3", "-p", "hello"])
+    out, err = capsys.readouterr()
+    assert "converting tiny-builtin" in err and "training the activation predictors" in err
+    assert "bundling FFN layers" in err and "training predictors" in err  # the progress bars
+    assert "wrote" in err and "wrote" not in out and "prompt:" in err  # stdout is the generated text only
+    assert FlashConfig.load(builtin).predictors is not None
+
+    def again(*a, **k):
+        raise AssertionError("prepared twice")
+
+    monkeypatch.setattr(prepare, "convert", again)
+    monkeypatch.setattr(prepare, "train", again)
+    generate.main(["--model", NAME, "--mode", "flash", "-m", "3", "-p", "hello"])
+    out, err = capsys.readouterr()
+    assert "converting" not in err and "read/token" in err
+    model, _ = load(NAME, mode="flash")  # the Python API finds the copy too
+    assert model.flash_plan.model > 0 and str(model.flash_reader.path).startswith(str(builtin))
+    model.flash_reader.close()
+
+
+def test_dense_mode_reads_the_source(builtin, monkeypatch):
+    monkeypatch.setattr(prepare, "prepare", lambda *a, **k: pytest.fail("dense mode needs no preparation"))
+    assert prepare.model_for(NAME, "dense") == NAME
+    assert prepare.model_for("models/x", "flash") == "models/x"  # only built-in names are prepared
+
+
+def test_evaluate_bench_and_probe_take_the_name(builtin, tmp_path, capsys):
+    r = evaluate.evaluate(NAME, tokens=8, mode="flash", progress=False)
+    assert r["flash"][0]["perplexity"] > 0
+    res = bench.main(["--model", NAME, "--quick", "--rows", "windowing", "--dram-budget", "min", "--no-probe",
+                      "--quiet"])
+    assert res["model"] == str(builtin) and res["summary"][bench.key("windowing", "min")]["fits"]
+    curve = probe.main(["window", "--model", NAME, "--windows", "1,2", "--tokens", "32", "--seq-len", "16",
+                        "--quiet", "--json", str(tmp_path / "w.json")])
+    assert [p["window"] for p in curve["points"]] == [1, 2]
+    assert json.loads((tmp_path / "w.json").read_text())["model"] == str(builtin)
+
+
+def test_server_serves_the_prepared_copy(builtin, monkeypatch):
+    served = {}
+
+    class NoServe:  # main() up to serve_forever, without a socket
+        url = "http://test"
+
+        def serve_forever(self):
+            pass
+
+        def server_close(self):
+            pass
+
+    monkeypatch.setattr(server, "make_server", lambda engine, *a, **k: served.update(engine=engine) or NoServe())
+    server.main(["--model", NAME, "--mode", "flash", "--port", "0", "--quiet"])
+    engine = served["engine"]
+    assert engine.model_id == NAME and engine.mode == "flash" and engine.model.flash_plan.model > 0
+    engine.model.flash_reader.close()
+
+
+def test_concurrent_preparations_take_turns(builtin, tmp_path, monkeypatch):
+    """Two preparations of one folder at once: the second waits, then finds it done."""
+    calls = []
+    real = prepare.convert
+    monkeypatch.setattr(prepare, "convert", lambda *a, **k: calls.append(1) or real(*a, **k))
+    folder, errors = tmp_path / "copy", []
+
+    def run():
+        try:
+            prepare.prepare(NAME, folder, announce=lambda msg: None)
+        except Exception as e:  # reported below: a thread's exception would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == [] and calls == [1] and FlashConfig.load(folder).predictors is not None
