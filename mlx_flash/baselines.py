@@ -8,11 +8,16 @@ planned and reported (`BaselinePlan.total`), not part of that share:
 
 - `MmapFFN` ("naive"): the layer's bundles through a memory map of `ffn.bundles`
   whose pages are cold every token. Touching them faults them in (I/O), copying
-  them into an MLX array and evicting them again (`system.MappedBundles.evict`:
-  madvise + posix_fadvise on Linux, msync(MS_INVALIDATE) on macOS) is memory
-  management; mincore then checks that the pages went.
-- `HybridFFN` (the paper's stronger baseline): `BundleReader.read_layer_all`,
-  large sequential direct reads into one preallocated buffer (I/O), no copies.
+  their fields into the packed arrays the FFN computes on and evicting the pages
+  again (`system.MappedBundles.evict`: madvise + posix_fadvise on Linux,
+  msync(MS_INVALIDATE) on macOS) is memory management; mincore then checks that
+  the pages went.
+- `HybridFFN` (the paper's stronger baseline): large sequential direct reads of the
+  whole layer (I/O) into a staging area, fields copied into packed arrays (memory).
+
+Both compute on packed per-field arrays (flash.neuron_cache.NeuronBuffer, one shared
+by the streamed layers), like flash mode and the dense row: MLX would copy the strided
+fields of whole bundles at every matmul, which would handicap the baselines.
 - `ResidentFFN`: a dense layer kept in DRAM (the resident half, and the dense row).
 
 All of them fill a `flash.ffn.FlashStats` with the same phases as `FlashFFN`
@@ -33,12 +38,13 @@ from typing import List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .errors import FlashError
-from .flash.budget import kv_bytes, model_bytes, working_bytes
+from .flash.attach import resident_facts
+from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, kv_bytes, model_bytes, staging_rows, working_bytes
 from .flash.bundle_reader import BundleBuffer, BundleReader
 from .flash.ffn import FlashStats
+from .flash.neuron_cache import NeuronBuffer
 from .format import BUNDLES_FILE, PAGE, FlashConfig, field_arrays, round_up
 from .models.ffn import BundleFFN, FFNSpec, bundle_ffn
 from .sizes import parse_budget
@@ -115,10 +121,10 @@ class MmapFFN(_Timed):
     eviction. `last` evicts the whole file (readahead past the layers read).
     """
 
-    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, mapped: MappedBundles, down_bias,
-                 stats: FlashStats, map_stats: MapStats, evict: bool = True, last: bool = False):
+    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, mapped: MappedBundles, packed: NeuronBuffer,
+                 down_bias, stats: FlashStats, map_stats: MapStats, evict: bool = True, last: bool = False):
         super().__init__(layer, stats)
-        self.spec, self.cfg, self.mapped = spec, cfg, mapped
+        self.spec, self.cfg, self.mapped, self.packed = spec, cfg, mapped, packed
         self.down_bias, self.map_stats = down_bias, map_stats
         self.evict, self.last = evict, last
         self.offset = cfg.layers[layer]["offset"]
@@ -135,8 +141,7 @@ class MmapFFN(_Timed):
         t0 = time.perf_counter()
         int(flat[::PAGE].max())  # one byte per page: the page faults (disk reads) happen here
         t1 = time.perf_counter()
-        rows = mx.array(flat.reshape(self.cfg.d_ff, self.cfg.layout.stride))  # (d_ff, stride) copy
-        mx.eval(rows)
+        self.packed.fill(slice(0, self.cfg.d_ff), flat.reshape(self.cfg.d_ff, self.cfg.layout.stride))
         t2 = time.perf_counter()
         cached = self.mapped.resident_bytes()  # bookkeeping of the benchmark, not timed
         t3 = time.perf_counter()
@@ -148,8 +153,8 @@ class MmapFFN(_Timed):
             ms.evicted_bytes += span[1]
             ms.stayed_cached_bytes += self.mapped.resident_bytes(*span)
         t5 = time.perf_counter()
-        y = bundle_ffn(xs, self.spec, field_arrays(rows, self.cfg.layout), self.down_bias, self.cfg.quantization)
-        mx.eval(y)
+        y = bundle_ffn(xs, self.spec, self.packed.fields(self.cfg.d_ff), self.down_bias, self.cfg.quantization)
+        mx.eval(y)  # before the next layer refills the packed arrays
         t6 = time.perf_counter()
         ms.peak_cached_bytes = max(ms.peak_cached_bytes, cached)
         if decode:
@@ -171,28 +176,36 @@ class MmapFFN(_Timed):
 
 
 class HybridFFN(_Timed):
-    """Hybrid baseline: the whole layer in large direct reads into one shared buffer, every token."""
+    """Hybrid baseline: the whole layer in large direct reads, every token, through a staging area
+    (rounds of its rows) into the packed arrays shared by the streamed layers."""
 
-    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, reader: BundleReader,
-                 buffer: BundleBuffer, down_bias, stats: FlashStats):
+    def __init__(self, layer: int, spec: FFNSpec, cfg: FlashConfig, reader: BundleReader, staging: BundleBuffer,
+                 packed: NeuronBuffer, down_bias, stats: FlashStats):
         super().__init__(layer, stats)
-        self.spec, self.cfg, self.reader, self.buffer = spec, cfg, reader, buffer
+        self.spec, self.cfg, self.reader = spec, cfg, reader
+        self.staging, self.packed = staging, packed
         self.down_bias = down_bias
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
         xs, decode = self._begin(x)
         s = self.stats
-        t0 = time.perf_counter()
-        self.reader.read_layer_all(self.layer, self.buffer)
-        t1 = time.perf_counter()
-        y = bundle_ffn(xs, self.spec, self.buffer.fields(), self.down_bias, self.cfg.quantization)
-        mx.eval(y)  # before the next layer refills the buffer
+        io = copy = 0.0
+        for k in range(0, self.cfg.d_ff, self.staging.slots):
+            part = np.arange(k, min(k + self.staging.slots, self.cfg.d_ff))
+            t0 = time.perf_counter()
+            self.reader.read(self.layer, part, self.staging)
+            t1 = time.perf_counter()
+            self.packed.fill(part, self.staging.np[: len(part)])
+            copy, io = copy + time.perf_counter() - t1, io + t1 - t0
+            s.add_read(self.reader.last, self.reader.last.bytes_read, decode)
         t2 = time.perf_counter()
-        s.add_read(self.reader.last, self.reader.last.bytes_read, decode)
+        y = bundle_ffn(xs, self.spec, self.packed.fields(self.cfg.d_ff), self.down_bias, self.cfg.quantization)
+        mx.eval(y)  # before the next layer refills the packed arrays
         if decode:
-            s.io_s += t1 - t0
-            s.ffn_s += t2 - t1
+            s.io_s += io
+            s.memory_s += copy
+            s.ffn_s += time.perf_counter() - t2
             s.resident += self.cfg.d_ff
         return y.reshape(x.shape)
 
@@ -208,9 +221,10 @@ class BaselinePlan:
     budget: int  # for the weights held (attention, embeddings, resident FFN layers)
     model: int
     resident: int  # attention, embeddings, norms (resident.safetensors as loaded)
-    layer_bytes: int  # one FFN layer in DRAM: d_ff x stride
+    layer_bytes: int  # one FFN layer in DRAM: d_ff x stride (resident layers keep their fields: d_ff x field bytes)
     dense_layers: List[int]  # FFN layers held in DRAM
-    staging: int  # one layer's buffer (hybrid); mmap: the MLX copy + the layer's pages and the readahead around them
+    staging: int  # the packed arrays of one streamed layer + hybrid: its read staging; mmap: the layer's pages
+    # and the readahead around them
     kv_cache: int
     working: int
     n_layers: int
@@ -238,15 +252,17 @@ class BaselinePlan:
                 "streamed": self.streamed}
 
 
-def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str, weights_budget=DEFAULT_SHARE,
-                  kv_tokens: int = 2048) -> BaselinePlan:
+def plan_baseline(folder: Path, cfg: FlashConfig, facts, kind: str, weights_budget=DEFAULT_SHARE,
+                  max_kv_size: int = DEFAULT_MAX_KV_SIZE) -> BaselinePlan:
     """Attention, embeddings and norms, then whole FFN layers (the first ones) while the weights held
-    stay within `weights_budget` (a share of the model such as 0.5, or bytes such as '60M')."""
+    stay within `weights_budget` (a share of the model such as 0.5, or bytes such as '60M').
+    facts: flash.attach.resident_facts (weights, per-token transient, activation item size)."""
+    resident_bytes, transient, item = facts
     assert kind in KINDS
     total = model_bytes(folder, cfg)
     budget = parse_budget(DEFAULT_SHARE if weights_budget is None else weights_budget, total)
     layer_bytes = cfg.d_ff * cfg.layout.stride
-    staging = layer_bytes
+    staging = cfg.d_ff * cfg.layout.field_bytes + (staging_rows(cfg) * cfg.layout.stride if kind == "hybrid" else 0)
     if kind == "mmap":  # a fault reads the readahead window around it: that much more sits in the page cache
         staging += min(cfg.file_size, layer_bytes + readahead_bytes(Path(folder) / BUNDLES_FILE))
     if resident_bytes > budget:
@@ -255,13 +271,9 @@ def plan_baseline(folder: Path, cfg: FlashConfig, resident_bytes: int, kind: str
             f"than its share of the weights ({budget / 1e6:.1f} MB, {budget / total:.0%} of the model): give a "
             f"larger --baseline-share")
     k = int(min(cfg.n_layers, (budget - resident_bytes) // layer_bytes))
+    working = working_bytes(cfg, transient, min(DEFAULT_PREFILL_STEP, max_kv_size), max_kv_size, item)
     return BaselinePlan(kind, budget, total, resident_bytes, layer_bytes, list(range(k)), staging,
-                        kv_bytes(cfg, kv_tokens), working_bytes(cfg), cfg.n_layers)
-
-
-def resident_param_bytes(model, down_bias) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
-        b.nbytes for b in down_bias if b is not None)
+                        kv_bytes(cfg, max_kv_size, item), working, cfg.n_layers)
 
 
 def read_layer(folder: Path, cfg: FlashConfig, layer: int) -> np.ndarray:
@@ -309,13 +321,13 @@ def attach_dense_timed(model, folder: Path, cfg: FlashConfig, down_bias) -> Atta
 
 
 def attach_baseline(model, folder, cfg: FlashConfig, down_bias, kind: str, weights_budget=DEFAULT_SHARE,
-                    kv_tokens: int = 2048, threads: int = 32, direct: bool = True, verify: bool = False,
+                    max_kv_size: int = DEFAULT_MAX_KV_SIZE, threads: int = 32, direct: bool = True, verify: bool = False,
                     evict: bool = True) -> Attached:
     """Give every layer its baseline provider. The model's mlp slots must be empty (load_resident)."""
     folder = Path(folder)
     if kind not in KINDS:
         raise FlashError(f"unknown baseline '{kind}' (choose from {', '.join(KINDS)})")
-    pl = plan_baseline(folder, cfg, resident_param_bytes(model, down_bias), kind, weights_budget, kv_tokens)
+    pl = plan_baseline(folder, cfg, resident_facts(model, down_bias), kind, weights_budget, max_kv_size)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
     out = Attached(stats, pl)
     streamed = [l for l in range(cfg.n_layers) if l not in pl.dense_layers]
@@ -324,15 +336,18 @@ def attach_baseline(model, folder, cfg: FlashConfig, down_bias, kind: str, weigh
         out.map_stats = MapStats()
     else:
         out.reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
-        buf = BundleBuffer(cfg.d_ff, cfg.layout) if streamed else None  # shared: layers run one by one
+    if streamed:  # shared: the streamed layers run one after another
+        staging = BundleBuffer(staging_rows(cfg), cfg.layout) if kind == "hybrid" else None
+        packed = NeuronBuffer(cfg.d_ff, cfg.layout, np.zeros(0, np.uint8))  # filled whole, rows never move
     for l, layer in enumerate(model.layers):
         if l in pl.dense_layers:
             layer.mlp = resident_layer(model, cfg, l, read_layer(folder, cfg, l), down_bias[l], stats)
         elif kind == "mmap":
-            layer.mlp = MmapFFN(l, model.ffn_spec, cfg, out.mapped, down_bias[l], stats, out.map_stats,
+            layer.mlp = MmapFFN(l, model.ffn_spec, cfg, out.mapped, packed, down_bias[l], stats, out.map_stats,
                                 evict=evict, last=l == streamed[-1])
         else:
-            layer.mlp = HybridFFN(l, model.ffn_spec, cfg, out.reader, buf, down_bias[l], stats)
+            layer.mlp = HybridFFN(l, model.ffn_spec, cfg, out.reader, staging, packed, down_bias[l], stats)
+    model.kv_step = max_kv_size  # the planned context, allocated once (models.base.CausalLM.make_cache)
     # reading the resident layers went through the page cache; and pages cached (and charged) before,
     # by anyone, would be warm for the naive row even inside a memory cgroup
     drop_cache(folder / BUNDLES_FILE)

@@ -20,6 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from tqdm import tqdm
 
 from .errors import FlashError, cli
+from .flash.budget import DEFAULT_MAX_KV_SIZE
 from .flash.sparsity import HELDOUT_TEXT, encode_long
 from .load import is_flash_folder, load_flash
 from .prepare import model_for
@@ -87,6 +88,7 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
         del model
     if mode in ("flash", "both"):
         for opts in configs or [flash_options]:
+            opts = {"max_kv_size": max(DEFAULT_MAX_KV_SIZE, tokens + 1), **opts}  # the text fits the context
             model, cfg = load_flash(folder, "flash", **opts)
             t0 = time.perf_counter()
             lp = stepwise_logprobs(model, ids, progress)

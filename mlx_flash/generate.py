@@ -17,6 +17,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .errors import FlashError, cli
+from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP
 from .load import MODES, load
 from .prepare import model_for
 from .sources import DEFAULT_MODEL
@@ -73,12 +74,22 @@ class StopFilter:
 
 
 
+def check_context(model, prompt_tokens: int, max_tokens: int):
+    """Flash mode reserves KV cache for plan.max_kv_size tokens: refuse a request that would not fit."""
+    plan = getattr(model, "flash_plan", None)
+    if plan is not None and prompt_tokens + max_tokens > plan.max_kv_size:
+        raise FlashError(f"the prompt ({prompt_tokens} tokens) plus up to {max_tokens} new tokens exceeds the "
+                         f"{plan.max_kv_size}-token context reserved in the DRAM budget: shorten the prompt, lower "
+                         f"--max-tokens or raise --max-kv-size")
+
+
 def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP,
            top_p=DEFAULT_TOP_P, seed=None, stop=None) -> Iterator[Response]:
     """mlx-lm's stream_generate with flash statistics attached and optional stop strings.
 
     prompt: text (used as is) or a list of token ids (e.g. from a chat template).
     The flash statistics are reset per call and count decode steps apart from the prompt.
+    In flash mode the prompt is processed in the planned chunks, within the planned context.
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -86,8 +97,16 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
     stats = getattr(model, "flash_stats", None)
     if stats is not None:
         stats.reset()
+    options = {}
+    plan = getattr(model, "flash_plan", None)
+    if plan is not None:
+        if isinstance(prompt, str):  # as stream_generate would encode it
+            bos = getattr(tokenizer, "bos_token", None)
+            prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+        check_context(model, len(prompt), max_tokens)
+        options["prefill_step_size"] = plan.prefill_step
     stops = StopFilter(stop or [])
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, **options):
         text, hit = stops.feed(r.text)
         finish = "stop" if hit else r.finish_reason
         if finish and not hit:
@@ -123,6 +142,11 @@ def add_model_arguments(p):
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
     p.add_argument("--recall", type=float, default=None,
                    help="flash mode: predictor recall level to run at (one of those calibrated; default 0.95)")
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help=f"flash mode: tokens of context (prompt + generated) the budget reserves KV cache for; "
+                        f"longer requests are refused (default {DEFAULT_MAX_KV_SIZE})")
+    p.add_argument("--prefill-step", type=int, default=None,
+                   help=f"flash mode: prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP})")
     p.add_argument("--profile", action="store_true",
                    help="flash mode: time attention, prediction and FFN compute apart (adds a host sync per phase)")
 
@@ -142,7 +166,8 @@ def setup_arg_parser():
 
 def flash_options(args) -> dict:
     opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
-            "recall": args.recall, "profile": args.profile or None}
+            "recall": args.recall, "max_kv_size": args.max_kv_size, "prefill_step": args.prefill_step,
+            "profile": args.profile or None}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -164,7 +189,8 @@ def main(argv=None):
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window, --threads, --recall and --profile apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step and --profile "
+                         "apply to --mode flash only")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
 from .errors import FlashError, cli
-from .generate import Response, StopFilter, add_model_arguments, flash_options, stream
+from .generate import Response, StopFilter, add_model_arguments, check_context, flash_options, stream
 from .load import load
 from .prepare import model_for
 from .sizes import parse_size
@@ -76,7 +76,7 @@ class GenRequest:
     kind: str  # CHAT or TEXT
     messages: Optional[List[dict]] = None  # CHAT: [{"role", "content"}]
     prompt: Optional[str] = None  # TEXT
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: Optional[int] = None  # None: DEFAULT_MAX_TOKENS, or what the reserved context leaves
     temperature: float = 1.0  # OpenAI's default
     top_p: float = 1.0
     seed: Optional[int] = None
@@ -181,7 +181,7 @@ def parse_request(obj: dict, kind: str, model_names=()) -> GenRequest:
             raise _invalid("prompt", "a string", prompt)
         req.prompt = prompt
     name = "max_completion_tokens" if obj.get("max_completion_tokens") is not None else "max_tokens"
-    req.max_tokens = _int(obj, name, DEFAULT_MAX_TOKENS, 1)
+    req.max_tokens = _int(obj, name, None, 1)
     req.temperature = _number(obj, "temperature", req.temperature, lambda t: t >= 0, "a number of at least 0")
     req.top_p = _number(obj, "top_p", req.top_p, lambda p: 0 < p <= 1, "a number in (0, 1]")
     req.seed = _int(obj, "seed", None, -(2**63))
@@ -285,6 +285,14 @@ class Engine:
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens, more than this server's limit of "
                                f"{self.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        if req.max_tokens is None:  # as many as asked by default, within what flash mode's context leaves
+            plan = getattr(self.model, "flash_plan", None)
+            room = plan.max_kv_size - len(ids) if plan is not None else DEFAULT_MAX_TOKENS
+            req.max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
+        try:
+            check_context(self.model, len(ids), req.max_tokens)
+        except FlashError as e:
+            raise RequestError(str(e), param=param, code="context_length_exceeded")
         return ids
 
     def generate(self, req: GenRequest, ids: List[int], cancelled: Callable[[], bool] = lambda: False

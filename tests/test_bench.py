@@ -14,7 +14,8 @@ from mlx_flash.bench import cgroup, probe, rows, scale, windowing
 from mlx_flash.flash.bundle_reader import BundleBuffer, BundleReader
 from mlx_flash.errors import FlashError
 from mlx_flash.format import BUNDLES_FILE, FlashConfig
-from mlx_flash.baselines import MappedBundles, resident_param_bytes
+from mlx_flash.baselines import MappedBundles
+from mlx_flash.flash.attach import resident_facts
 
 FLASH = ("predictor", "windowing", "all")
 
@@ -94,7 +95,7 @@ def run_baselines(folder, tmp_path):
     s = bench.load_setup(folder, 8, 4)
     cfg = s.cfg
     layer = cfg.d_ff * cfg.layout.stride
-    share = resident_param_bytes(s.model, s.down_bias) + layer + layer // 2  # one FFN layer resident
+    share = resident_facts(s.model, s.down_bias)[0] + layer + layer // 2  # one FFN layer resident
     del s
     res = bench.main(["--model", str(folder), "--quick", "--rows", "naive,hybrid", "--baseline-share", str(share),
                       "--no-probe", "--quiet", "--json", str(tmp_path / "n.json")])

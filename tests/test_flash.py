@@ -248,6 +248,27 @@ def test_decode_syncs_once_per_layer(trained_flash, monkeypatch):
     assert counts["eval"] <= n_layers * decoded
 
 
+def test_long_prompt_within_the_budget_or_refused(trained_flash):
+    """The plan reserves the KV cache of the whole context and a prompt chunk's working memory: a long
+    prompt stays within the budget, and one beyond the reserved context is refused in one line."""
+    folder = trained_flash("llama_relu_untied")
+    probe, _ = load(str(folder), mode="flash", max_kv_size=300, prefill_step=64)
+    budget = probe.flash_plan.total
+    probe.flash_reader.close()
+    del probe
+    gc.collect()
+    model, tok = load(str(folder), mode="flash", dram_budget=budget, max_kv_size=300, prefill_step=64)
+    ids = np.random.default_rng(0).integers(3, 500, 280).tolist()  # 280 prompt tokens: 5 chunks of 64
+    out = list(stream(model, tok, ids, max_tokens=16))
+    assert len(out) == 16 and out[-1].prompt_tokens == 280
+    assert mx.get_peak_memory() <= budget, (mx.get_peak_memory(), budget)
+    with pytest.raises(FlashError, match="exceeds the 300-token context"):
+        list(stream(model, tok, ids, max_tokens=40))
+    rc, err = run_cli("--model", str(folder), "--mode", "flash", "--max-kv-size", "8", "-p", "one two three four "
+                      "five six seven", "-m", "4")
+    assert rc == 2 and err.startswith("error: ") and "8-token context" in err and len(err.splitlines()) == 1
+
+
 def test_no_neuron_predicted_gives_the_ffn_bias_only(trained_flash):
     folder = trained_flash("opt_pre_ln")
     never = [lambda x: mx.full((x.shape[0], 256), -1.0) for _ in range(2)]

@@ -77,7 +77,8 @@ def reference(server, ids, max_tokens, **kw):
 
 def test_parse_request_defaults_and_fields():
     req = parse_request({"messages": HI}, CHAT, ("m", "default"))
-    assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.stream) == (512, 1.0, 1.0, None, [],
+    # max_tokens None: DEFAULT_MAX_TOKENS, or what flash mode's reserved context leaves (Engine.encode)
+    assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop, req.stream) == (None, 1.0, 1.0, None, [],
                                                                                          False)
     req = parse_request({"model": "default", "prompt": "x", "max_completion_tokens": 7, "temperature": 0,
                          "top_p": 0.5, "seed": 3, "stop": "\n", "stream": True}, TEXT, ("m", "default"))
@@ -486,7 +487,7 @@ def test_cli_serves_and_reports_startup_errors(tiny_flash):
 def test_flash_mode_reports_bytes_read(trained_flash):
     """The server in flash mode: the `flash` field carries what was read from disk per token."""
     folder = trained_flash("opt_pre_ln")
-    model, tokenizer = load(str(folder), mode="flash")
+    model, tokenizer = load(str(folder), mode="flash", max_kv_size=64)
     httpd = make_server(Engine(model, tokenizer, folder.name, "flash", MAX_PROMPT_TOKENS), "127.0.0.1", 0,
                         quiet=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -497,6 +498,12 @@ def test_flash_mode_reports_bytes_read(trained_flash):
         flash = r.model_extra["flash"]
         assert flash["mode"] == "flash" and flash["bytes_read_per_token"] > 0
         assert r.usage.completion_tokens == 6 or r.choices[0].finish_reason == "stop"
+        # the context reserved in the budget: 64 tokens; without max_tokens the reply fills what is left
+        r = c.completions.create(model=folder.name, prompt="hi " * 30, temperature=0)
+        assert r.usage.prompt_tokens + r.usage.completion_tokens <= 64
+        status, raw = post(httpd, "/v1/completions", {"prompt": "hi " * 30, "max_tokens": 40})
+        err = json.loads(raw)["error"]
+        assert status == 400 and err["code"] == "context_length_exceeded" and "64-token context" in err["message"]
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -38,6 +38,7 @@ def cgroup_root() -> Path:
     root = base / rel.lstrip("/")
     return root if root.is_dir() else base
 
+
 def make_cgroup() -> Path:
     path = cgroup_root() / f"mlx-flash-bench-{os.getpid()}"
     try:
@@ -47,6 +48,7 @@ def make_cgroup() -> Path:
         raise FlashError(f"--cgroup: cannot create the memory cgroup {path} ({e.strerror}); it needs root and a "
                          f"writable cgroup v1 hierarchy: run as root, or without --cgroup")
     return path
+
 
 def child_main(args, rows: List[str], candidates):
     """Inside the cgroup (joined by _CHILD before any import): the baseline after the libraries and
@@ -83,6 +85,7 @@ open(os.path.join(sys.argv[1], "cgroup.procs"), "w").write(str(os.getpid()))
 import mlx_flash.bench
 mlx_flash.bench.main(sys.argv[2:])
 """
+
 
 def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int], base: Dict[str, int]) -> dict:
     cg = make_cgroup()

@@ -52,6 +52,7 @@ def aggregate(runs: List[dict], dense_argmax: Optional[List[int]], dense_ppl: Op
     out["ms_per_token_runs"] = [r["ms_total"] for r in runs]
     return out
 
+
 def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: List[str],
               base_budgets: Optional[Dict[str, int]] = None) -> Dict[str, dict]:
     dense = next((r for r in all_runs.get(key("dense", "-"), []) if r["fits"]), None)
@@ -80,6 +81,7 @@ def summarize(all_runs: Dict[str, List[dict]], budgets: Dict[str, int], rows: Li
                     a.setdefault("speedup_vs_naive", {})[label] = naive["ms_total"] / a["ms_total"]
     return out
 
+
 def cold_pages(summary: Dict[str, dict], method: str, cgroup: bool) -> dict:
     """How the naive row's pages were made cold, and whether mincore saw them leave the page cache."""
     if cgroup:
@@ -103,6 +105,7 @@ def cold_pages(summary: Dict[str, dict], method: str, cgroup: bool) -> dict:
             out["text"] += " (msync(MS_INVALIDATE) need not drop clean pages: Linux keeps them)"
     return out
 
+
 def add_probe(summary: Dict[str, dict], folder: Path, threads: int, nbytes: int, scratch_size: int,
               progress: bool, path: Optional[Path] = None) -> Optional[dict]:
     """Probe the disk at each direct-read row's mean read size and thread count, in this run."""
@@ -124,8 +127,10 @@ def add_probe(summary: Dict[str, dict], folder: Path, threads: int, nbytes: int,
             a["share_of_probe"] = a["read_gb_per_s"] / gb if gb else None
     return probe
 
+
 def fmt(v, spec=".1f", none="-"):
     return none if v is None else format(v, spec)
+
 
 def table(summary: Dict[str, dict], budget_label: str) -> str:
     """The markdown table of one budget (the paper's Tables 2 and 3 side by side)."""
@@ -149,6 +154,7 @@ def table(summary: Dict[str, dict], budget_label: str) -> str:
                  fmt(a["agreement"], ".1%"), fmt(a["perplexity"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
 
 def targets(summary: Dict[str, dict], budget_label: str) -> List[str]:
     """The README's targets for the built-in model, met or missed, in words."""
@@ -174,6 +180,7 @@ def targets(summary: Dict[str, dict], budget_label: str) -> List[str]:
     elif best is not None and not best["fits"]:
         out.append("flash ('all') does not fit this budget: rerun with --dram-budget min")
     return out
+
 
 def plot_breakdown(summary: Dict[str, dict], budget_label: str, path: Path, title: str):
     """Figure 1: per-token latency of each row, stacked by phase."""

@@ -32,12 +32,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..baselines import DEFAULT_SHARE, attach_baseline, attach_dense_timed, resident_param_bytes
+from ..baselines import DEFAULT_SHARE, attach_baseline, attach_dense_timed
 from ..errors import FlashError
-from ..flash.attach import attach_flash
-from ..flash.budget import DEFAULT_THREADS, model_bytes, plan
+from ..flash.attach import attach_flash, plan_flash, resident_facts, trained_predictors
+from ..flash.budget import DEFAULT_PREFILL_STEP, DEFAULT_THREADS, model_bytes
 from ..flash.neuron_cache import NeuronCache
-from ..format import FlashConfig, round_up
+from ..format import FlashConfig
 from ..load import is_flash_folder, load_resident
 from ..sizes import parse_budget
 from ..system import disk_read_bytes, mem_available
@@ -63,7 +63,6 @@ READ = {
     "all": "the same, with reads coalesced across small gaps (gap chosen by measurement)",
 }
 GAP_CANDIDATES = (0, 1, 2, 4, 8, 16)
-KV_STEP = 256  # mlx_lm.models.cache.KVCache grows by this many tokens
 PHASES = ("io", "memory", "predict", "attention", "ffn", "other")
 PHASE_LABELS = {"io": "I/O (reads, page faults)", "memory": "memory management", "predict": "prediction",
                 "attention": "attention & rest of layer", "ffn": "FFN compute", "other": "LM head, sampling, Python"}
@@ -96,6 +95,7 @@ def held_out_ids(tokenizer, n: int) -> np.ndarray:
 
     return text_tokens(tokenizer, HELDOUT_TEXT, n)
 
+
 @dataclass
 class Setup:
     """What every row shares: one model object, the budget, the token sequence."""
@@ -118,9 +118,10 @@ class Setup:
     mlx_baseline: int = 0  # MLX memory held by others in this process before the model was loaded
 
     @property
-    def kv_tokens(self) -> int:
-        """What mlx-lm's KV cache really allocates for the sequence: steps of KV_STEP tokens."""
-        return round_up(self.prompt_tokens + self.gen_tokens + 1, KV_STEP)
+    def context(self) -> int:
+        """The KV cache every row reserves: the whole sequence."""
+        return self.prompt_tokens + self.gen_tokens + 1
+
 
 def load_setup(folder, prompt_tokens: int, gen_tokens: int, before_weights=None, **opts) -> Setup:
     """Tokens first, then the resident weights; `before_weights()` runs in between (the cgroup baseline)."""
@@ -142,26 +143,21 @@ def load_setup(folder, prompt_tokens: int, gen_tokens: int, before_weights=None,
     model, down_bias = load_resident(folder, cfg)
     return Setup(folder, cfg, model, down_bias, ids, prompt_tokens, gen_tokens, mlx_baseline=mlx_baseline, **opts)
 
-def predictor_bytes(folder: Path, cfg: FlashConfig) -> int:
-    if cfg.predictors is None:
-        return 0
-    return sum(v.nbytes for v in mx.load(str(folder / cfg.predictors["file"])).values())
 
 def min_flash_budget(s: Setup) -> int:
-    """The smallest budget flash mode's plan accepts (bisection over plan())."""
-    if s.cfg.predictors is None:
-        raise FlashError(f"{s.folder} has no predictors: run python -m mlx_flash.train_predictors first")
+    """The smallest budget flash mode's plan accepts (bisection over flash.attach.plan_flash)."""
     clear(s)
-    res, pred = resident_param_bytes(s.model, s.down_bias), predictor_bytes(s.folder, s.cfg)
-    lo, hi = 0, 4 * model_bytes(s.folder, s.cfg) + res + pred
+    predictors, _ = trained_predictors(s.folder, s.cfg, s.recall)
+    lo, hi = 0, 4 * model_bytes(s.folder, s.cfg) + s.cfg.n_layers * s.cfg.d_ff * s.cfg.layout.stride
     while lo < hi:
         mid = (lo + hi) // 2
         try:
-            plan(s.folder, s.cfg, res, pred, mid, s.window, s.kv_tokens, None, s.recall)
+            plan_flash(s.model, s.folder, s.cfg, s.down_bias, predictors, mid, s.window, s.context, recall=s.recall)
             hi = mid
         except FlashError:
             lo = mid + 1
     return lo
+
 
 def clear(s: Setup):
     """Empty the FFN slots and drop the previous row's objects."""
@@ -176,6 +172,7 @@ def clear(s: Setup):
     gc.collect()
     mx.clear_cache()
 
+
 @dataclass
 class Row:
     """One attached configuration: its statistics and what to close."""
@@ -187,6 +184,7 @@ class Row:
     map_stats: object = None
     caches: list = None
 
+
 def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
     """Give the model this row's FFN providers (raises FlashError when the budget cannot hold it)."""
     clear(s)
@@ -197,17 +195,17 @@ def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
             raise FlashError(f"the whole model ({model_bytes(s.folder, cfg) / 1e9:.1f} GB) does not fit in this "
                              f"machine's available memory ({avail / 1e9:.1f} GB)")
         a = attach_dense_timed(s.model, s.folder, cfg, s.down_bias)
-        res = resident_param_bytes(s.model, s.down_bias)
+        res = resident_facts(s.model, s.down_bias)[0]
         return Row(a.stats, {"budget": None}, res, a.close)
     if row in ("naive", "hybrid"):
         a = attach_baseline(s.model, s.folder, cfg, s.down_bias, "mmap" if row == "naive" else "hybrid",
-                            weights_budget=budget, kv_tokens=s.kv_tokens, threads=s.threads, verify=s.verify,
+                            weights_budget=budget, max_kv_size=s.context, threads=s.threads, verify=s.verify,
                             evict=s.evict)
         return Row(a.stats, a.plan.to_dict(), a.plan.weights_in_memory, a.close, a.map_stats)
     if cfg.predictors is None:
         raise FlashError(f"{s.folder} has no predictors: run python -m mlx_flash.train_predictors --model {s.folder}")
     attach_flash(s.model, s.folder, cfg, s.down_bias, dram_budget=budget, window=1 if row == "predictor" else s.window,
-                 threads=s.threads, verify=s.verify, kv_tokens=s.kv_tokens, recall=s.recall, profile=True)
+                 threads=s.threads, verify=s.verify, max_kv_size=s.context, recall=s.recall, profile=True)
     pl = s.model.flash_plan
     caches = []
     for layer in s.model.layers:
@@ -221,8 +219,10 @@ def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
     return Row(s.model.flash_stats, {**pl.to_dict(), "coalesce_gap": gap if row == "all" else 0},
                pl.resident + pl.predictors + pl.staging + pl.buffers, reader.close, caches=caches)
 
+
 def key(row: str, budget_label: str) -> str:
     return f"{row}@{budget_label}"
+
 
 def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, gen_tokens=None) -> dict:
     """One pass of the token sequence through one row; per decode token figures."""
@@ -255,8 +255,9 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
             (s.cgroup / "memory.max_usage_in_bytes").write_text("0")
         cache = make_prompt_cache(s.model)
         t0 = time.perf_counter()
-        s.model(mx.array(ids[:P])[None], cache=cache)  # like mlx-lm: the prompt's logits are never computed
-        mx.eval([c.state for c in cache])
+        for i in range(0, P, DEFAULT_PREFILL_STEP):  # like mlx-lm: in chunks, the prompt's logits never computed
+            s.model(mx.array(ids[i : min(i + DEFAULT_PREFILL_STEP, P)])[None], cache=cache)
+            mx.eval([c.state for c in cache])
         prefill_s = time.perf_counter() - t0
         disk0 = disk_read_bytes()
         caches = r.caches or []
@@ -301,6 +302,7 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
         r.close()
         clear(s)
 
+
 def choose_gap(s: Setup, budget: int, candidates, tokens: int, rounds: int = 2, progress=None) -> dict:
     """The coalescing gap of the 'all' row, by measurement: I/O + memory + FFN ms per token of
     short interleaved runs at each candidate; the fastest median wins."""
@@ -340,6 +342,7 @@ def resolve_budgets(s: Setup, budget: str, sweep: Optional[str]) -> Dict[str, in
         return {"min": b}
     return {str(budget): parse_budget(budget, total)}
 
+
 def baseline_budgets(s: Setup, budgets: Dict[str, int], share: Optional[str]) -> Dict[str, int]:
     """The weights naive and hybrid hold, per budget: --baseline-share when given, else the budget
     itself when it is a share of the model (0.5), else half the model (the paper's)."""
@@ -355,6 +358,7 @@ def baseline_budgets(s: Setup, budgets: Dict[str, int], share: Optional[str]) ->
             fraction = False
         out[label] = b if fraction else int(DEFAULT_SHARE * total)
     return out
+
 
 def run_all(s: Setup, rows: List[str], budgets: Dict[str, int], repeats: int, gap, gap_tokens: int,
             candidates=GAP_CANDIDATES, warmup: bool = True, progress: bool = True,

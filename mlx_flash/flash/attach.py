@@ -1,7 +1,7 @@
 """Flash mode on a model: load the predictors, plan the budget, give every layer a FlashFFN."""
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -9,21 +9,76 @@ from mlx.utils import tree_flatten
 
 from ..errors import FlashError
 from ..format import FlashConfig
-from .budget import DEFAULT_KV_TOKENS, DEFAULT_THREADS, plan, predictor_level
+from .budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, Plan, plan, predictor_level
 from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
 from .neuron_cache import NeuronBuffer, NeuronCache
 from .predictor import load_predictors
 
 
+def trained_predictors(folder: Path, cfg: FlashConfig, recall: Optional[float] = None,
+                       bits: Optional[int] = 8) -> Tuple[List, List[float]]:
+    """The calibrated predictors and their thresholds at a recall level, quantized to `bits` in memory."""
+    if cfg.predictors is None:
+        raise FlashError(
+            f"{folder} has no activation predictors: run python -m mlx_flash.train_predictors --model {folder}")
+    pfile = Path(folder) / cfg.predictors["file"]
+    if not pfile.is_file():
+        raise FlashError(f"{pfile} is missing: run python -m mlx_flash.train_predictors --model {folder}")
+    try:
+        predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers)
+    except Exception as e:
+        raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
+    taus = predictor_level(cfg, recall)["tau"]
+    if bits:
+        # 8-bit predictors halve their share of the budget; their scores move by well under tau's margin
+        for p in predictors:
+            nn.quantize(p, 32, bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                        and m.weight.shape[-1] % 32 == 0)
+    mx.eval([p.parameters() for p in predictors])
+    return predictors, taus
+
+
+def resident_facts(model, down_bias) -> Tuple[int, int, int]:
+    """What the resident part weighs, allocates per token, and computes in:
+    (weight bytes, per-token transient bytes, bytes per activation element)."""
+    resident = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
+        b.nbytes for b in down_bias if b is not None)
+    # a quantized LM head casts its scales and biases to float32 every token (measured on the built-in model)
+    head = model.lm_head if "lm_head" in model else getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = head if head is not None else model.model.decoder.embed_tokens
+    transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
+    # activations (and so the KV cache) take the dtype that embeddings meet the first norm in:
+    # float32 for the built-in model, whose embeddings are float16 but whose norms are float32
+    body = model.model if "embed_tokens" in model.model else model.model.decoder
+    embed = body.embed_tokens
+    norm = next(m for name, m in model.layers[0].children().items() if "norm" in name)
+    x = mx.zeros((1, model.args.hidden_size), embed.scales.dtype if "scales" in embed else embed.weight.dtype)
+    item = norm(x).dtype.size
+    return resident, transient, item
+
+
+def plan_flash(model, folder: Path, cfg: FlashConfig, down_bias, predictors, dram_budget=None, window=None,
+               max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
+               slots: Optional[int] = None, recall: Optional[float] = None) -> Plan:
+    """The budget plan of flash mode for this model and these predictors (flash.budget.plan)."""
+    resident, transient, item = resident_facts(model, down_bias)
+    predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
+                          for _, v in tree_flatten(p.parameters()))
+    return plan(folder, cfg, resident, predictor_bytes, dram_budget, window, max_kv_size, slots, recall, transient,
+                prefill_step, item)
+
+
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
-                 kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None, predictor=None,
-                 recall: Optional[float] = None, predictor_bits: Optional[int] = 8, profile: bool = False):
+                 max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
+                 slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
+                 predictor_bits: Optional[int] = 8, profile: bool = False):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
     predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored).
+    max_kv_size, prefill_step: the context reserved and the prompt chunk (flash.budget).
     profile: time attention, prediction and FFN apart (extra host syncs; the benchmark)."""
     folder = Path(folder)
     if cfg.predictors is None:
@@ -32,32 +87,11 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     if threads < 1:
         raise FlashError("--threads must be at least 1")
     if predictor is None:
-        pfile = folder / cfg.predictors["file"]
-        if not pfile.is_file():
-            raise FlashError(f"{pfile} is missing: run python -m mlx_flash.train_predictors --model {folder}")
-        try:
-            predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers)
-        except Exception as e:
-            raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
-        taus = predictor_level(cfg, recall)["tau"]
-        if predictor_bits:
-            # 8-bit predictors halve their share of the budget; their scores move by well under tau's margin
-            for p in predictors:
-                nn.quantize(p, 32, predictor_bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
-                            and m.weight.shape[-1] % 32 == 0)
+        predictors, taus = trained_predictors(folder, cfg, recall, predictor_bits)
     else:
         predictors, taus = predictor, [0.0] * cfg.n_layers
-    mx.eval([p.parameters() for p in predictors if hasattr(p, "parameters")])
-    resident_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
-        b.nbytes for b in down_bias if b is not None)
-    predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
-                          for _, v in tree_flatten(p.parameters()))
-    # a quantized LM head casts its scales and biases to float32 every token (measured on the built-in model)
-    head = model.lm_head if "lm_head" in model else getattr(getattr(model, "model", None), "embed_tokens", None)
-    head = head if head is not None else model.model.decoder.embed_tokens
-    transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
-    pl = plan(folder, cfg, resident_bytes, predictor_bytes, dram_budget, window, kv_tokens, slots, recall,
-              transient)
+    pl = plan_flash(model, folder, cfg, down_bias, predictors, dram_budget, window, max_kv_size, prefill_step,
+                    slots, recall)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
@@ -72,7 +106,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     if pl.budget is not None:
         mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
     mx.reset_peak_memory()  # peak memory from here on is flash mode's own
+    model.kv_step = pl.max_kv_size  # the KV cache is allocated whole, once (models.base.CausalLM.make_cache)
     model.flash_stats = stats
     model.flash_plan = pl
     model.flash_reader = reader
-

@@ -1,10 +1,17 @@
 """The DRAM budget of flash mode: where every byte goes, planned before anything big is allocated.
 
 What stays in DRAM (paper Section 3): the resident weights (embeddings,
-attention, norms, LM head), the predictors, one fixed buffer of bundle rows
-per layer (the neuron window), the KV cache and working memory. `plan()` adds
-these up before anything big is allocated and refuses, in one line, a budget
-that cannot hold them.
+attention, norms, LM head), the predictors, one fixed buffer of neuron rows
+per layer (the neuron window), the reads' staging area, the KV cache for the
+context served and the working memory of a prompt chunk. `plan()` adds these
+up before anything big is allocated and refuses, in one line, a budget that
+cannot hold them.
+
+The context (`max_kv_size`, like mlx-lm's flag) is reserved whole: the KV cache is
+allocated once at that size (no growth by concatenation, which would briefly hold
+it twice), and prompts plus generated tokens beyond it are refused. Prompts are
+processed in chunks of `prefill_step` tokens (mlx-lm's prefill_step_size, set to
+match), whose attention scores and activations are the working memory planned.
 """
 
 import math
@@ -17,7 +24,8 @@ from ..format import RESIDENT_FILE, FlashConfig
 from ..sizes import parse_budget
 
 DEFAULT_THREADS = 32  # the paper's
-DEFAULT_KV_TOKENS = 512  # context the budget reserves KV cache for (prompt + generated tokens)
+DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
+DEFAULT_PREFILL_STEP = 256  # prompt tokens per forward pass (mlx-lm's default 2048 would need 8x the memory)
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
 
 
@@ -41,6 +49,8 @@ class Plan:
     slots: List[int]
     window: int
     staging_rows: int
+    max_kv_size: int  # tokens of context reserved
+    prefill_step: int  # prompt tokens per forward pass
 
     @property
     def total(self) -> int:
@@ -50,11 +60,11 @@ class Plan:
         return {**asdict(self), "total": self.total}
 
 
-def kv_bytes(cfg: FlashConfig, tokens: int) -> int:
+def kv_bytes(cfg: FlashConfig, tokens: int, item: int = 4) -> int:
+    """Keys and values of `tokens` tokens in every layer; item: bytes per element (the activations' dtype)."""
     c = cfg.model_config
     heads = c.get("num_key_value_heads") or c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    item = 4 if cfg.dtype == "float32" else 2  # keys and values take the activations' dtype
     return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * item
 
 
@@ -64,10 +74,17 @@ def staging_rows(cfg: FlashConfig) -> int:
     return min(cfg.d_ff, max(64, cfg.d_ff // 4))
 
 
-def working_bytes(cfg: FlashConfig, transient: int = 0) -> int:
-    """Working memory: logits of a token and a prompt chunk's FFN activations, plus what the
-    resident part allocates per token beyond its weights (`transient`)."""
-    return 2 * cfg.model_config["vocab_size"] * 4 + 64 * cfg.d_ff * 4 * 4 + transient
+def working_bytes(cfg: FlashConfig, transient: int = 0, chunk: int = DEFAULT_PREFILL_STEP,
+                  context: int = DEFAULT_MAX_KV_SIZE, item: int = 4) -> int:
+    """Working memory: a token's logits, and a prompt chunk's activations (hidden states, attention
+    projections, FFN hidden, predictor scores) and attention scores against the whole context,
+    plus what the resident part allocates per token beyond its weights (`transient`)."""
+    c = cfg.model_config
+    heads = c["num_attention_heads"]
+    logits = 2 * c["vocab_size"] * 4
+    activations = chunk * (8 * cfg.d_model + 5 * cfg.d_ff) * item
+    scores = 2 * heads * chunk * context * 4  # scores and their softmax, float32
+    return logits + activations + scores + transient
 
 
 def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
@@ -84,17 +101,22 @@ def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
 
 
 def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
-         window: Optional[int] = None, kv_tokens: int = DEFAULT_KV_TOKENS, slots: Optional[int] = None,
-         recall: Optional[float] = None, transient: int = 0) -> Plan:
-    """transient: what the resident part allocates per token beyond its weights (see attach_flash)."""
+         window: Optional[int] = None, max_kv_size: int = DEFAULT_MAX_KV_SIZE, slots: Optional[int] = None,
+         recall: Optional[float] = None, transient: int = 0, prefill_step: int = DEFAULT_PREFILL_STEP,
+         item: int = 4) -> Plan:
+    """transient: what the resident part allocates per token beyond its weights; item: bytes per
+    element of the activations and KV cache (see flash.attach.resident_facts)."""
     p = predictor_level(cfg, recall)
     window = window or p["window"]
     if window < 1:
         raise FlashError("--window must be at least 1")
+    if max_kv_size < 1 or prefill_step < 1:
+        raise FlashError("--max-kv-size and --prefill-step must be at least 1")
     total = model_bytes(folder, cfg)
     budget_bytes = parse_budget(budget, total)
-    working = working_bytes(cfg, transient)
-    kv = kv_bytes(cfg, kv_tokens)
+    chunk = min(prefill_step, max_kv_size)
+    working = working_bytes(cfg, transient, chunk, max_kv_size, item)
+    kv = kv_bytes(cfg, max_kv_size, item)
     row = cfg.layout.field_bytes
     staging = staging_rows(cfg) * cfg.layout.stride
 
@@ -115,7 +137,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
             raise FlashError(
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
                 f"weights {resident_bytes / 1e6:.1f} MB + predictors {predictor_bytes / 1e6:.1f} MB + KV cache "
-                f"({kv_tokens} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB + read staging "
+                f"({max_kv_size} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB + read staging "
                 f"{staging / 1e6:.1f} MB, plus at least "
                 f"{need / 1e6:.1f} MB of neuron windows, need {(fixed + need) / 1e6:.1f} MB "
                 f"({(fixed + need) / total:.0%} of the model's {total / 1e6:.1f} MB)"
@@ -126,4 +148,4 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
         wanted = [f + int((w - f) * scale) for w, f in zip(wanted, floor)]
     buffers = sum(wanted) * row
     return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, wanted, window,
-                staging_rows(cfg))
+                staging_rows(cfg), max_kv_size, chunk)

@@ -68,6 +68,8 @@ class NeuronBuffer:
             self._np[f.name] = np.array(memoryview(a), copy=False)  # the same memory, writable
         self.row_bytes = sum(f.nbytes for f in layout.fields)
         self._addresses = [v.ctypes.data for v in self._np.values()]
+        # (name, offset in a bundle, bytes, MLX dtype, shape) per field: the hot paths read these
+        self._spec = [(f.name, f.offset, f.nbytes, getattr(mx, f.dtype), f.shape) for f in layout.fields]
 
     @property
     def nbytes(self) -> int:
@@ -85,26 +87,27 @@ class NeuronBuffer:
     def fields(self, n: int) -> dict:
         """Typed MLX views of rows [0, n) of every field (models.ffn.bundle_ffn's dict), without copies."""
         views = {}
-        for f in self.layout.fields:
-            v = self._mx[f.name][:n].view(getattr(mx, f.dtype))  # (n, count), row-contiguous
-            views[f.name] = v if len(f.shape) == 1 else v.reshape(n, *f.shape)
+        for name, _, _, dtype, shape in self._spec:
+            v = self._mx[name][:n].view(dtype)  # (n, count), row-contiguous
+            views[name] = v if len(shape) == 1 else v.reshape(n, *shape)
         return group_fields(views)
 
-    def fill(self, rows: np.ndarray, staged: np.ndarray):
-        """Copy the fields of staged whole bundles (m, stride) into rows[k] (ascending)."""
-        if not len(rows):
-            return
-        if rows[-1] - rows[0] == len(rows) - 1:  # one run: a slice copy
-            rows = slice(int(rows[0]), int(rows[-1]) + 1)
-        for f in self.layout.fields:
-            self._np[f.name][rows] = staged[:, f.offset : f.offset + f.nbytes]
+    def fill(self, rows, staged: np.ndarray):
+        """Copy the fields of staged whole bundles (m, stride) into rows[k] (ascending, or a slice)."""
+        if not isinstance(rows, slice):
+            if not len(rows):
+                return
+            if rows[-1] - rows[0] == len(rows) - 1:  # one run: a slice copy
+                rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        for name, offset, nbytes, _, _ in self._spec:
+            self._np[name][rows] = staged[:, offset : offset + nbytes]
 
     def move(self, holes: np.ndarray, movers: np.ndarray) -> int:
         """Row movers[k] into row holes[k] (holes all below movers); returns the bytes moved."""
-        for f in self.layout.fields:
-            a, per = self._np[f.name], max(1, len(self.scratch) // f.nbytes)
+        for name, _, nbytes, _, _ in self._spec:
+            a, per = self._np[name], max(1, len(self.scratch) // nbytes)
             for i in range(0, len(holes), per):  # rarely more than one round
-                tmp = self.scratch[: min(per, len(holes) - i) * f.nbytes].reshape(-1, f.nbytes)
+                tmp = self.scratch[: min(per, len(holes) - i) * nbytes].reshape(-1, nbytes)
                 np.take(a, movers[i : i + per], axis=0, out=tmp, mode="clip")  # "raise" would buffer `out`
                 a[holes[i : i + per]] = tmp
         assert self.addresses == self._addresses, "buffer was reallocated"
@@ -194,7 +197,8 @@ class NeuronCache:
         active = np.asarray(active, dtype=np.int64).ravel()
         if active.size and (active.min() < 0 or active.max() >= self.d_ff):
             raise IndexError(f"neuron ids out of range [0, {self.d_ff})")
-        ids = np.unique(active)
+        # flatnonzero's output is sorted and unique already; np.unique would cost ~0.5 ms per layer
+        ids = active if np.all(active[1:] > active[:-1]) else np.unique(active)
         if len(ids) > self.slots:  # best `slots` distinct ids in the given order
             _, first = np.unique(active, return_index=True)
             ids = np.sort(active[np.sort(first)][: self.slots])

@@ -4,6 +4,7 @@ the FFN geometry."""
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
 
 from .ffn import FFNSpec
 
@@ -18,7 +19,9 @@ def attend(q: mx.array, k: mx.array, v: mx.array, cache, mask, scale: float) -> 
 
 
 class CausalLM(nn.Module):
-    """mlx-lm's model contract (`layers`, `__call__(inputs, cache)`) around an architecture's body."""
+    """mlx-lm's model contract (`layers`, `__call__(inputs, cache)`, `make_cache`) around an architecture's body."""
+
+    kv_step = 256  # tokens the KV cache grows by (mlx-lm's); flash mode allocates its whole context at once
 
     def __init__(self, args, body: nn.Module, head_dim: int):
         super().__init__()
@@ -27,6 +30,12 @@ class CausalLM(nn.Module):
         self.model = body
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(head_dim, args.vocab_size, bias=False)
+
+    def make_cache(self) -> list:
+        caches = [KVCache() for _ in self.layers]
+        for c in caches:
+            c.step = self.kv_step
+        return caches
 
     def logits(self, h: mx.array, embed_tokens: nn.Embedding) -> mx.array:
         return embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
