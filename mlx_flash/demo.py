@@ -22,6 +22,7 @@ from .sources import DEFAULT_MODEL
 # flash mode needs more memory than the model to stay within a few % of dense perplexity (README, Results).
 DEFAULT_BUDGET = "140%"
 DEFAULT_RECALL = None  # the calibrated one (0.95); windows that must shrink cost far more than lower recall
+DEFAULT_CONTEXT = 256  # tokens: the demo's prompt and 24 new ones, with room to spare
 
 
 def step(msg: str):
@@ -46,6 +47,8 @@ def setup_arg_parser():
     p.add_argument("--max-tokens", "-m", type=int, default=24)
     p.add_argument("--dram-budget", default=DEFAULT_BUDGET, help="flash run's budget (default: %(default)s)")
     p.add_argument("--recall", type=float, default=DEFAULT_RECALL)
+    p.add_argument("--max-kv-size", type=int, default=DEFAULT_CONTEXT,
+                   help="flash run's reserved context in tokens (default: %(default)s, enough for the demo)")
     return p
 
 
@@ -58,7 +61,8 @@ def main(argv=None):
     run(f"dense: every weight in memory ({folder})", model, tokenizer, args.prompt, args.max_tokens)
     del model
 
-    model, tokenizer = load(str(folder), mode="flash", dram_budget=args.dram_budget, recall=args.recall)
+    model, tokenizer = load(str(folder), mode="flash", dram_budget=args.dram_budget, recall=args.recall,
+                            max_kv_size=args.max_kv_size)
     plan = model.flash_plan
     run(f"flash: budget {plan.budget / 1e6:.1f} MB of a {plan.model / 1e6:.1f} MB model; FFN neurons read "
         f"from {folder}/ffn.bundles with direct I/O", model, tokenizer, args.prompt, args.max_tokens)

@@ -25,7 +25,7 @@ from ..sizes import parse_budget
 
 DEFAULT_THREADS = 32  # the paper's
 DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
-DEFAULT_PREFILL_STEP = 256  # prompt tokens per forward pass (mlx-lm's default 2048 would need 8x the memory)
+DEFAULT_PREFILL_STEP = 128  # prompt tokens per forward pass (mlx-lm's default 2048 would need 16x the memory)
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
 
 
