@@ -90,15 +90,18 @@ class BundleLayout:
             fields.append(Field(name, off, list(shape), dt))
             off += fields[-1].nbytes
 
+        # the large fields first: when their sizes are multiples of the alignment, direct reads can
+        # land them straight in the window's packed arrays (flash.bundle_reader.BundleReader.read_into)
         for name in names:
             if quantization:
                 bits = quantization.get(f"{name}_bits", quantization["bits"])
-                group = quantization["group_size"]
                 add(f"{name}.weight", [d_model * bits // 32], "uint32")
-                add(f"{name}.scales", [d_model // group], dtype)
-                add(f"{name}.biases", [d_model // group], dtype)
             else:
                 add(name, [d_model], dtype)
+        for name in names if quantization else []:
+            group = quantization["group_size"]
+            add(f"{name}.scales", [d_model // group], dtype)
+            add(f"{name}.biases", [d_model // group], dtype)
         if bias:  # per-neuron biases: [gate_bias, up_bias] (GLU) or [up_bias]
             add("bias", [len(names) - 1], dtype)
         nbytes = off

@@ -212,16 +212,25 @@ def packed(rows, layout):
     return np.concatenate([rows[:, f.offset : f.offset + f.nbytes] for f in layout.fields], axis=1)
 
 
-def test_with_reader_end_to_end(direct_root):
+# bundles whose fields are all unaligned (read through the staging area), whose float rows are
+# 512-byte multiples (read straight into the packed arrays), and 4-bit ones (weights straight in,
+# scales and biases through scratch)
+GEOMETRIES = {"staged": {}, "direct": {"d_model": 256}, "direct-q4": {"d_model": 1024, "quantization": {
+    "bits": 4, "group_size": 64}}}
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_with_reader_end_to_end(direct_root, geometry):
     """The per-token sequence on a real file: rows [0, n) always hold the resident neurons' fields,
     and the FFN computes on them through MLX views."""
-    folder = direct_root / "cache-e2e"
-    cfg, bundles = write_flash_model(folder, n_layers=2, seed=7)
+    folder = direct_root / f"cache-e2e-{geometry}"
+    cfg, bundles = write_flash_model(folder, n_layers=2, seed=7, **GEOMETRIES[geometry])
     slots = 64
     staging = alloc_buffer(5, cfg.layout)  # fewer rows than a step's new neurons: reads take rounds
     bufs = [NeuronBuffer(slots, cfg.layout, staging.np.reshape(-1)) for _ in range(cfg.n_layers)]
     caches = [NeuronCache(cfg.d_ff, slots, window=4, buffer=b) for b in bufs]
     ptrs = [b.addresses for b in bufs]
+    assert (bufs[0].segments is None) == (geometry == "staged")
     rng = np.random.default_rng(0)
     x = mx.array(rng.standard_normal((1, cfg.d_model)).astype(np.float16))
     with BundleReader(folder, cfg, threads=8) as reader:
@@ -233,18 +242,20 @@ def test_with_reader_end_to_end(direct_root):
                 n, res = step.n, caches[layer].resident
                 assert step.read.bundles == step.new and step.read.bytes_read == step.new * cfg.layout.stride
                 np.testing.assert_array_equal(bufs[layer].rows(n), packed(bundles[layer, res], cfg.layout))
-                up = bufs[layer].fields(n)["up"]  # (n, d_model) view, computed on in place
-                f = cfg.layout.field("up")
-                want = bundles[layer, res][:, f.offset : f.offset + f.nbytes].copy().view(np.float16)
-                np.testing.assert_allclose(np.array(x @ up.T), np.array(x) @ want.T, rtol=2e-2, atol=2e-2)
+                if geometry != "direct-q4":
+                    up = bufs[layer].fields(n)["up"]  # (n, d_model) view, computed on in place
+                    f = cfg.layout.field("up")
+                    want = bundles[layer, res][:, f.offset : f.offset + f.nbytes].copy().view(np.float16)
+                    np.testing.assert_allclose(np.array(x @ up.T), np.array(x) @ want.T, rtol=2e-2, atol=2e-2)
         assert reader.stats.bundles == sum(c.stats.new_neurons for c in caches)
     assert [b.addresses for b in bufs] == ptrs
     assert all(c.stats.rows_moved > 0 for c in caches)
 
 
-def test_failed_read_leaves_no_garbage(direct_root):
-    folder = direct_root / "cache-corrupt"
-    cfg, bundles = write_flash_model(folder, n_layers=1, seed=8)
+@pytest.mark.parametrize("geometry", ["staged", "direct"])
+def test_failed_read_leaves_no_garbage(direct_root, geometry):
+    folder = direct_root / f"cache-corrupt-{geometry}"
+    cfg, bundles = write_flash_model(folder, n_layers=1, seed=8, **GEOMETRIES[geometry])
     off = cfg.bundle_offset(0, 42)
     with open(folder / BUNDLES_FILE, "r+b") as f:
         f.seek(off)

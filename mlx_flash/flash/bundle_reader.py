@@ -35,6 +35,7 @@ from ..format import BUNDLES_FILE, BundleLayout, FlashConfig, field_arrays
 from ..system import logical_block_size, open_direct
 
 BUFFER_ALIGN = 4096  # destination rows start on a page: enough for any disk's O_DIRECT
+IOV_MAX = 1024  # buffers one preadv takes (Linux and macOS)
 MAX_CHUNK = 1 << 20  # split longer runs so threads share them (the paper: >= 32 KiB pays off)
 LAYER_CHUNK = 4 << 20  # read_layer_all: large sequential reads
 _EAGAIN_RETRIES = 1000
@@ -171,6 +172,29 @@ class BundleReader:
         self._check(layer, neurons, rows, len(buf))
         self._run(layer, neurons, rows, buf, self.chunk_bundles)
 
+    def read_into(self, layer: int, neurons: np.ndarray, rows: np.ndarray, sink, scratch: np.ndarray):
+        """Read bundle neurons[k] of `layer` straight into row rows[k] of `sink`'s field arrays (a
+        flash.neuron_cache.NeuronBuffer whose `segments` say where each piece of a bundle goes): the
+        aligned fields land in place, the other bytes in row k of `scratch` ((m, sink.scratch_bytes),
+        aligned), from which `sink.finish` copies them. CRCs are checked over the pieces."""
+        neurons = np.asarray(neurons, dtype=np.int64).ravel()
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        assert len(rows) == len(neurons) and scratch.shape[0] >= len(neurons)
+        assert not self.direct or scratch.ctypes.data % self.layout.alignment == 0, "scratch not aligned"
+        self._check(layer, neurons, rows, sink.slots)
+        t0 = time.perf_counter()
+        per = max(1, min(self.chunk_bundles, IOV_MAX // len(sink.segments)))
+        brk = np.flatnonzero(np.diff(neurons) != 1) + 1  # runs consecutive on disk; rows may be anywhere
+        chunks = []  # (first neuron, its index, bundles)
+        for start, end in zip(np.r_[0, brk].tolist(), np.r_[brk, len(neurons)].tolist()):
+            chunks += [(int(neurons[k]), k, min(per, end - k)) for k in range(start, end, per)]
+        syscalls = self._dispatch(self._read_fields, layer, chunks, (rows, sink, scratch))
+        sink.finish(rows, scratch[: len(neurons)])
+        call = ReadStats(direct=self.direct, calls=1, bundles=len(neurons), bytes_read=len(neurons) * self.layout.stride,
+                         syscalls=syscalls, seconds=time.perf_counter() - t0)
+        self.last = call
+        self.stats.add(call)
+
     def read_layer_all(self, layer: int, dest: Union[BundleBuffer, np.ndarray],
                        chunk_bytes: int = LAYER_CHUNK):
         """Every bundle of `layer` into dest rows [0, d_ff), in large reads (dense mode)."""
@@ -230,19 +254,22 @@ class BundleReader:
             first = starts[run] + k * chunk_bundles  # index into neurons of each chunk's head
             count = np.minimum(chunk_bundles, lens[run] - k * chunk_bundles)
             chunks = list(zip(neurons[first].tolist(), rows[first].tolist(), count.tolist()))
-            tasks = [chunks[w :: self.threads] for w in range(min(self.threads, len(chunks)))]
-            if len(tasks) == 1:
-                call.syscalls = self._read_chunks(layer, tasks[0], buf)
-            else:
-                futures = [self._pool.submit(self._read_chunks, layer, t, buf) for t in tasks]
-                wait(futures)  # all of them, even after a failure: no thread may still be writing
-                errors = [f.exception() for f in futures if f.exception() is not None]
-                if errors:
-                    raise errors[0]
-                call.syscalls = sum(f.result() for f in futures)
+            call.syscalls = self._dispatch(self._read_chunks, layer, chunks, (buf,))
         call.seconds = time.perf_counter() - t0
         self.last = call
         self.stats.add(call)
+
+    def _dispatch(self, worker, layer: int, chunks: list, args: tuple) -> int:
+        """Deal the chunks out to the threads (one in this thread when a single task); returns syscalls."""
+        tasks = [chunks[w :: self.threads] for w in range(min(self.threads, len(chunks)))]
+        if len(tasks) <= 1:
+            return worker(layer, tasks[0], *args) if tasks else 0
+        futures = [self._pool.submit(worker, layer, t, *args) for t in tasks]
+        wait(futures)  # all of them, even after a failure: no thread may still be writing
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+        return sum(f.result() for f in futures)
 
     def _read_chunks(self, layer: int, chunks, buf: np.ndarray) -> int:
         """Worker: read each (first neuron, first row, bundles) chunk fully, then check CRCs.
@@ -252,34 +279,69 @@ class BundleReader:
         between the threads returning from preadv), while after the reads it overlaps
         the other workers' I/O (measured: +0-5 ms on 400 random 12.5 KiB bundles).
         """
-        stride, base = self.layout.stride, self.cfg.layers[layer]["offset"]
-        syscalls, done_chunks = 0, []
+        syscalls, done = 0, []
         for neuron, row, count in chunks:
             mv = memoryview(buf[row : row + count].reshape(-1))  # zero-copy, writable
-            off, done, total, again = base + neuron * stride, 0, count * stride, 0
-            while done < total:
-                try:
-                    syscalls += 1
-                    got = os.preadv(self.fd, [mv[done:]], off + done)  # EINTR retried by Python
-                except BlockingIOError:
-                    again += 1
-                    if again < _EAGAIN_RETRIES:
-                        continue
-                    raise self._error(layer, neuron + done // stride, off + done, "busy (EAGAIN)")
-                except OSError as e:
-                    why = e.strerror
-                    if e.errno == errno.EINVAL and self.direct:
-                        why += (f" (direct read refused: the disk may need a bundle alignment larger "
-                                f"than {self.layout.alignment}; reconvert with --align 4096)")
-                    raise self._error(layer, neuron + done // stride, off + done, why)
-                if got == 0 or (got % stride and off + done + got >= os.fstat(self.fd).st_size):
-                    raise self._error(layer, neuron + (done + got) // stride, off + done + got,
-                                      "the file ends there (truncated): convert the model again")
-                done += got
-            done_chunks.append((neuron, count, mv))
+            syscalls += self._preadv(layer, neuron, [mv], count)
+            done.append((neuron, count, mv))
         if self.verify:
-            for neuron, count, mv in done_chunks:
+            for neuron, count, mv in done:
                 self._verify(layer, neuron, count, mv)
+        return syscalls
+
+    def _read_fields(self, layer: int, chunks, rows: np.ndarray, sink, scratch: np.ndarray) -> int:
+        """Worker of read_into: per (first neuron, first index, bundles) chunk, one preadv whose buffers
+        are each bundle's pieces in file order; then the CRCs, chained over the pieces."""
+        syscalls, pieces = 0, {}
+        for neuron, first, count in chunks:
+            iovs = []
+            for k in range(first, first + count):
+                pieces[k] = sink.pieces(int(rows[k]), scratch[k])
+                iovs += pieces[k]
+            syscalls += self._preadv(layer, neuron, iovs, count)
+        if self.verify:
+            lay = self.layout
+            for neuron, first, count in chunks:
+                for k in range(first, first + count):
+                    crc, left = 0, lay.nbytes
+                    for mv in pieces[k]:
+                        crc = zlib.crc32(mv[: min(len(mv), max(left, 0))], crc)
+                        left -= len(mv)
+                    if crc != sink.stored_crc(scratch[k]):
+                        i = neuron + k - first
+                        raise FlashError(f"{self.path}: corrupted bundle: layer {layer} neuron {i} at offset "
+                                         f"{self.cfg.bundle_offset(layer, i)} (checksum mismatch)")
+        return syscalls
+
+    def _preadv(self, layer: int, neuron: int, iovs: list, count: int) -> int:
+        """Read `count` whole bundles from `neuron` on into the buffers `iovs` (in file order); returns
+        the syscalls made. Short reads continue where they stopped; errors name the bundle."""
+        stride = self.layout.stride
+        off, done, total, again, syscalls = self.cfg.bundle_offset(layer, neuron), 0, count * stride, 0, 0
+        while done < total:
+            try:
+                syscalls += 1
+                got = os.preadv(self.fd, iovs, off + done)  # EINTR retried by Python
+            except BlockingIOError:
+                again += 1
+                if again < _EAGAIN_RETRIES:
+                    continue
+                raise self._error(layer, neuron + done // stride, off + done, "busy (EAGAIN)")
+            except OSError as e:
+                why = e.strerror
+                if e.errno == errno.EINVAL and self.direct:
+                    why += (f" (direct read refused: the disk may need a bundle alignment larger "
+                            f"than {self.layout.alignment}; reconvert with --align 4096)")
+                raise self._error(layer, neuron + done // stride, off + done, why)
+            if got == 0 or (got % stride and off + done + got >= os.fstat(self.fd).st_size):
+                raise self._error(layer, neuron + (done + got) // stride, off + done + got,
+                                  "the file ends there (truncated): convert the model again")
+            done += got
+            while iovs and got >= len(iovs[0]):  # drop what arrived
+                got -= len(iovs[0])
+                iovs = iovs[1:]
+            if got:
+                iovs = [iovs[0][got:]] + iovs[1:]
         return syscalls
 
     def _verify(self, layer: int, neuron: int, count: int, mv: memoryview):

@@ -47,7 +47,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..format import BundleLayout, group_fields
-from .bundle_reader import BundleBuffer, ReadStats
+from .bundle_reader import BUFFER_ALIGN, BundleBuffer, ReadStats
 
 
 class NeuronBuffer:
@@ -60,16 +60,67 @@ class NeuronBuffer:
 
     def __init__(self, slots: int, layout: BundleLayout, scratch: np.ndarray):
         self.slots, self.layout, self.scratch = slots, layout, scratch
-        self._mx, self._np = {}, {}
+        self._owners, self._mx, self._np, self._mv = [], {}, {}, {}
         for f in layout.fields:
-            a = mx.zeros((slots, f.nbytes), dtype=mx.uint8)
-            mx.eval(a)
-            self._mx[f.name] = a
-            self._np[f.name] = np.array(memoryview(a), copy=False)  # the same memory, writable
+            size = slots * f.nbytes
+            owner = mx.zeros((size + BUFFER_ALIGN,), dtype=mx.uint8)  # rows aligned for direct reads
+            mx.eval(owner)
+            whole = np.array(memoryview(owner), copy=False)
+            off = -whole.ctypes.data % BUFFER_ALIGN
+            self._owners.append(owner)
+            self._mx[f.name] = owner[off : off + size].reshape(slots, f.nbytes)
+            self._np[f.name] = whole[off : off + size].reshape(slots, f.nbytes)  # the same memory, writable
+            self._mv[f.name] = memoryview(self._np[f.name].reshape(-1))
+        mx.eval(list(self._mx.values()))
         self.row_bytes = sum(f.nbytes for f in layout.fields)
         self._addresses = [v.ctypes.data for v in self._np.values()]
         # (name, offset in a bundle, bytes, MLX dtype, shape) per field: the hot paths read these
         self._spec = [(f.name, f.offset, f.nbytes, getattr(mx, f.dtype), f.shape) for f in layout.fields]
+        self._direct_layout(layout)
+
+    def _direct_layout(self, layout: BundleLayout):
+        """How a bundle's bytes split for reads straight into the field arrays (BundleReader.read_into):
+        fields whose offset and size are multiples of the alignment land in place, every other byte
+        range in a scratch row; `segments` is None when no field can land in place."""
+        a = layout.alignment
+        direct = sorted((f for f in layout.fields if f.offset % a == 0 and f.nbytes % a == 0), key=lambda f: f.offset)
+        segments, pos = [], 0
+        for f in direct:
+            if f.offset > pos:
+                segments.append((pos, f.offset - pos, None))
+            segments.append((f.offset, f.nbytes, f.name))
+            pos = f.offset + f.nbytes
+        if pos < layout.stride:
+            segments.append((pos, layout.stride - pos, None))
+        self.segments = segments if direct else None
+        self.scratch_bytes = sum(n for _, n, name in segments if name is None)
+        col, columns = 0, []  # scratch column of each byte range that goes to scratch
+        for off, n, name in segments:
+            if name is None:
+                columns.append((off, n, col))
+                col += n
+        where = lambda o: next(c + o - off for off, n, c in columns if off <= o < off + n)
+        self._tail = [(f.name, where(f.offset), f.nbytes) for f in layout.fields if f not in direct]
+        self._crc_col = where(layout.crc_offset)
+
+    def pieces(self, row: int, scratch_row: np.ndarray) -> list:
+        """The writable buffers a bundle's bytes go to, in file order, for row `row`."""
+        out, col, tail = [], 0, memoryview(scratch_row)
+        for _, n, name in self.segments:
+            if name is None:
+                out.append(tail[col : col + n])
+                col += n
+            else:
+                out.append(self._mv[name][row * n : (row + 1) * n])
+        return out
+
+    def stored_crc(self, scratch_row: np.ndarray) -> int:
+        return int.from_bytes(scratch_row[self._crc_col : self._crc_col + 4].tobytes(), "little")
+
+    def finish(self, rows: np.ndarray, scratch: np.ndarray):
+        """After read_into: copy the fields that landed in scratch rows into their field arrays."""
+        for name, col, nbytes in self._tail:
+            self._np[name][rows] = scratch[:, col : col + nbytes]
 
     @property
     def nbytes(self) -> int:
@@ -320,14 +371,20 @@ def load_active(cache: NeuronCache, reader, layer: int, staging: BundleBuffer, a
     read, io = ReadStats(direct=reader.direct), 0.0
     t0 = time.perf_counter()
     new, rows = cache.step(active)
+    buf = cache.buffer
     try:
         for k in range(0, len(new), staging.slots):
-            part = new[k : k + staging.slots]
+            part, where = new[k : k + staging.slots], rows[k : k + staging.slots]
             t1 = time.perf_counter()
-            reader.read(layer, part, staging)
-            io += time.perf_counter() - t1
+            if buf.segments is not None:  # aligned fields land in their rows: nothing to copy but the rest
+                scratch = staging.np.reshape(-1)[: len(part) * buf.scratch_bytes].reshape(len(part), -1)
+                reader.read_into(layer, part, where, buf, scratch)
+                io += time.perf_counter() - t1
+            else:
+                reader.read(layer, part, staging)
+                io += time.perf_counter() - t1
+                buf.fill(where, staging.np[: len(part)])
             read.add(reader.last)
-            cache.buffer.fill(rows[k : k + staging.slots], staging.np[: len(part)])
     except BaseException:
         cache.abort()
         raise
