@@ -119,6 +119,17 @@ def window_union_sizes(pred: np.ndarray, window: int, seq_len: int) -> np.ndarra
     return sizes
 
 
+def window_union_p99(predictor, x: np.ndarray, taus: List[float], window: int, seq_len: int) -> List[int]:
+    """Per threshold tau: the neurons a window of `window` tokens holds (99th percentile over the tokens
+    x, (N, d_model)), scoring one calibration sequence at a time rather than all N tokens at once."""
+    sizes = [[] for _ in taus]
+    for s in range(0, len(x), seq_len):
+        z = np.array(predictor(mx.array(x[s : s + seq_len])).astype(mx.float32))  # (seq_len, d_ff)
+        for k, tau in enumerate(taus):
+            sizes[k].append(window_union_sizes(z > tau, window, seq_len))
+    return [int(np.percentile(np.concatenate(v), 99)) for v in sizes]
+
+
 def save_predictors(predictors: List[LowRankPredictor]) -> Dict[str, mx.array]:
     """Flat float16 tensors for predictors.safetensors."""
     out = {}
