@@ -202,13 +202,11 @@ def drop_cache(path: Path):
 
 def release_pages(path: Path):
     """Write back and forget a file that was read or written once (convert, calibration): cached, it
-    would only push out what the user runs, and count against a memory cgroup's limit. Where the OS
-    offers no posix_fadvise (macOS), its unified buffer cache is left to evict the pages itself."""
-    if hasattr(os, "posix_fadvise"):
-        try:
-            drop_cache(path)
-        except OSError:  # a read-only or special file: its pages stay cached, nothing worse
-            pass
+    would only push out what the user runs, and count against a memory cgroup's limit."""
+    try:
+        drop_cache(path)
+    except OSError:  # a read-only or special file: its pages stay cached, nothing worse
+        pass
 
 
 def major_faults() -> int:
