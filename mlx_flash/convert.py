@@ -33,9 +33,10 @@ from .format import (
     round_up,
 )
 from .flash.budget import check_prepare, returning_freed_memory
-from .sources import build_model, copy_tokenizer, default_folder, read_source
+from .sources import build_model, copy_tokenizer, default_folder, read_source, resolve
 from .system import release_pages
 
+GGUF_WHOLE = "the GGUF file (MLX reads it whole)"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -122,6 +123,10 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
     if alignment < 512 or alignment & (alignment - 1):
         raise FlashError("--align must be a power of two of at least 512")
 
+    path = resolve(model)
+    if path.suffix == ".gguf":  # checked before MLX reads it
+        size = path.stat().st_size
+        check_prepare("convert this model", dram_budget, size, {GGUF_WHOLE: size})
     src = read_source(model)
     net = build_model(src.config, src.weights, lazy=True)
     src.weights = None  # the model holds the only reference: a layer's FFN is freed once bundled
@@ -172,6 +177,8 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
     n_layers = len(net.layers)
     parts = {"resident weights": sum(v.nbytes for v in resident.values()),
              "one FFN layer": layer_bytes(net, spec, layout, mx_dtype)}
+    if path.suffix == ".gguf":  # its resident part and every layer are in memory from the start
+        parts = {GGUF_WHOLE: path.stat().st_size, "one FFN layer": parts["one FFN layer"]}
     budget = check_prepare("convert this model", dram_budget, total, parts)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -67,6 +67,8 @@ def test_convert_refuses_a_budget_below_the_resident_part_and_one_layer(tiny_mod
     rc, _, err = run("mlx_flash.convert", "--model", str(tiny_model("opt_pre_ln")), "--out", str(out),
                      "--dram-budget", "10K")
     assert_one_line_error(rc, err, "cannot convert", "resident weights", "one FFN layer")
+    rc, _, err = run("mlx_flash.convert", "--model", "smollm2-135m", "--out", str(out), "--dram-budget", "50M")
+    assert_one_line_error(rc, err, "cannot convert", "GGUF file (MLX reads it whole)")  # before reading it
     assert list(tmp_path.iterdir()) == []
 
 
