@@ -7,6 +7,10 @@ up row i and down column i, so they are stored side by side and one read
 fetches the neuron. Down columns are not contiguous in a row-quantized matrix,
 so quantized bundles hold the transposed down projection, requantized along
 d_model; the error this adds is measured and stored in flash.json.
+
+Conversion works one layer at a time: the source's safetensors are read lazily, one
+tensor when it is used, and each FFN layer is freed once its bundles are written, so
+memory holds the resident part and one FFN layer (--dram-budget is checked against that).
 """
 
 import argparse

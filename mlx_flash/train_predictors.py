@@ -1,13 +1,16 @@
 """Calibrate sparsity and train the activation predictors of a converted model.
 
     python -m mlx_flash.train_predictors --model models/smollm2-135m [--text FILE ...]
-        [--sparsity 0.5] [--rank R --last-layers-rank R2 --epochs E] [--window K]
+        [--sparsity 0.5] [--rank R --last-layers-rank R2 --epochs E] [--window K] [--dram-budget 8G]
 
 Runs the model densely over calibration text (the text shipped in the package
 unless --text is given; `hf://datasets/<repo>/<file>` fetches one from the Hub),
 calibrates one activation threshold per layer (0 for ReLU models), trains one
 low-rank predictor per layer, sizes the neuron windows from the predicted sets,
 and stores it all in the model folder (predictors.safetensors + flash.json).
+It works one layer at a time (sparsity.record_layers): memory holds the resident
+part, one layer's bundles and that layer's activations, so a model bigger than
+memory can be calibrated; --dram-budget is checked against that up front.
 """
 
 import argparse
@@ -20,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FlashError, cli
-from .flash.budget import calibration_tokens, returning_freed_memory
+from .flash.budget import CALIBRATION_CHUNK, calibration_tokens, returning_freed_memory
 from .flash.predictor import (
     default_ranks,
     save_predictors,
@@ -101,7 +104,7 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
 
     try:
         with returning_freed_memory(dram_budget is not None):
-            record_layers(model, windows, loader, on_layer)
+            record_layers(model, windows, loader, on_layer, CALIBRATION_CHUNK)
     finally:
         loader.close()
         bar.close()

@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+TRAIN_BATCH = 512  # tokens per optimizer step
 # recall levels whose thresholds are stored, so flash mode can trade quality for reads at load time
 RECALL_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
@@ -47,7 +48,7 @@ class LayerReport:
     union_p99: int = 0  # neurons held by a window at this threshold (99th percentile), set by the caller
 
 
-def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = 512, lr: float = 2e-3,
+def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = TRAIN_BATCH, lr: float = 2e-3,
                 target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0):
     """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
 
