@@ -84,8 +84,8 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     model, down_bias = load_resident(folder, cfg)
     loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
     ts, predictors, tables = [], [], []
-    bar = tqdm(total=cfg.n_layers, desc=f"calibrating on {windows.size} tokens", unit="layer",
-               disable=not progress)
+    bar = tqdm(total=cfg.n_layers, desc=f"calibrating and training predictors on {windows.size} tokens",
+               unit="layer", disable=not progress)
 
     def on_layer(a: LayerActivations):
         """Layer l's threshold, predictor and window sizes, while its activations are at hand."""
