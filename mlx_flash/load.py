@@ -112,7 +112,7 @@ class LayerLoader:
     Reads bypass the page cache where the filesystem allows (each byte is read once)."""
 
     def __init__(self, folder: Path, cfg: FlashConfig, spec, down_bias, threads: int = 4):
-        self.folder, self.cfg, self.spec, self.down_bias = Path(folder), cfg, spec, down_bias
+        self.cfg, self.spec, self.down_bias = cfg, spec, down_bias
         self.buf = BundleBuffer(cfg.d_ff, cfg.layout)
         try:
             self.reader = BundleReader(folder, cfg, threads=threads, direct=True)

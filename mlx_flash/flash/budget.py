@@ -202,8 +202,8 @@ def calibration_parts(cfg: FlashConfig, resident: int, ranks: List[int], tokens:
     # one at a time: a chunk's FFN (gate, up, h in float32), a training step's scores, loss and
     # gradients, or one sequence's predicted sets and their running counts (window sizes)
     working = cfg.d_ff * max(CALIBRATION_CHUNK * 4 * 3, min(tokens, TRAIN_BATCH) * 4 * 8, seq_len * 17)
-    return {"resident weights": resident, "predictors": predictors, "one FFN layer": layer,
-            "working memory": working, f"activations of {tokens} tokens": tokens * calibration_token_bytes(cfg, seq_len)}
+    return {"resident weights": resident, "predictors": predictors, "one FFN layer": layer, "working memory": working,
+            f"activations of {tokens} tokens": tokens * calibration_token_bytes(cfg, seq_len)}
 
 
 def calibration_tokens(folder: Path, cfg: FlashConfig, ranks: List[int], tokens: Optional[int], default: int,
