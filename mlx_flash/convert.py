@@ -7,6 +7,10 @@ up row i and down column i, so they are stored side by side and one read
 fetches the neuron. Down columns are not contiguous in a row-quantized matrix,
 so quantized bundles hold the transposed down projection, requantized along
 d_model; the error this adds is measured and stored in flash.json.
+
+Conversion works one layer at a time: the source's safetensors are read lazily, one
+tensor when it is used, and each FFN layer is freed once its bundles are written, so
+memory holds the resident part and one FFN layer (--dram-budget is checked against that).
 """
 
 import argparse
@@ -32,8 +36,11 @@ from .format import (
     FlashConfig,
     round_up,
 )
-from .sources import build_model, copy_tokenizer, default_folder, read_source
+from .flash.budget import check_prepare, returning_freed_memory
+from .sources import build_model, copy_tokenizer, default_folder, read_source, resolve
+from .system import release_pages
 
+GGUF_WHOLE = "the GGUF file (MLX reads it whole)"
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -98,8 +105,18 @@ def pack_layer(fields: dict, layout: BundleLayout, d_ff: int) -> np.ndarray:
     return out
 
 
+def layer_bytes(net, spec, layout: BundleLayout, mx_dtype) -> int:
+    """What bundling one FFN layer holds at once: its source matrices, their copies in the bundles'
+    dtype (the down projection transposed), and the packed bundles with one field's bytes on the way."""
+    source = sum(v.nbytes for _, v in tree_flatten(net.layers[0].mlp.parameters()))
+    floats = (3 if spec.glu else 2) * spec.d_ff * spec.d_model * mx_dtype.size
+    return source + floats + 2 * spec.d_ff * layout.stride
+
+
 def convert(model: str, out: Path, dtype: str = None, quantize: int = None, group_size: int = None,
-            down_bits: int = None, alignment: int = DEFAULT_ALIGNMENT, quiet: bool = False) -> Path:
+            down_bits: int = None, alignment: int = DEFAULT_ALIGNMENT, dram_budget=None, quiet: bool = False) -> Path:
+    """Convert layer by layer: memory holds the resident part and one FFN layer, whatever the number of
+    layers (safetensors are read lazily, one tensor at a time). dram_budget: checked up front."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FlashError(f"{out} already exists: remove it or choose another --out")
@@ -110,9 +127,15 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
     if alignment < 512 or alignment & (alignment - 1):
         raise FlashError("--align must be a power of two of at least 512")
 
+    path = resolve(model)
+    if path.suffix == ".gguf":  # checked before MLX reads it
+        size = path.stat().st_size
+        check_prepare("convert this model", dram_budget, size, {GGUF_WHOLE: size})
     src = read_source(model)
-    net = build_model(src.config, src.weights)
+    net = build_model(src.config, src.weights, lazy=True)
+    src.weights = None  # the model holds the only reference: a layer's FFN is freed once bundled
     spec = net.ffn_spec
+    total = sum(v.nbytes for _, v in tree_flatten(net.parameters()))  # the source's size
     config = dict(src.config)
     src_w, src_q = _matrix(net.layers[0].mlp.up_proj)
 
@@ -156,22 +179,34 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
 
     layout = BundleLayout.build(spec.d_model, spec.glu, spec.bias, dtype, quant, alignment)
     n_layers = len(net.layers)
+    parts = {"resident weights": sum(v.nbytes for v in resident.values()),
+             "one FFN layer": layer_bytes(net, spec, layout, mx_dtype)}
+    if path.suffix == ".gguf":  # its resident part and every layer are in memory from the start
+        parts = {GGUF_WHOLE: path.stat().st_size, "one FFN layer": parts["one FFN layer"]}
+    budget = check_prepare("convert this model", dram_budget, total, parts)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         layers, errors, offset = [], [], 0
-        with open(tmp / BUNDLES_FILE, "wb") as f:
+        with open(tmp / BUNDLES_FILE, "wb") as f, returning_freed_memory(budget is not None):
             for l, layer in enumerate(tqdm(net.layers, desc="bundling FFN layers", unit="layer",
                                             disable=quiet)):
                 fields, err = ffn_fields(layer.mlp, spec.glu, quant, mx_dtype)
                 data = pack_layer(fields, layout, spec.d_ff)
+                del fields
+                layer.mlp = nn.Module()  # bundled: its source weights go
                 f.seek(offset)
-                f.write(data.tobytes())
+                f.write(data)
+                f.flush()
                 layers.append({"offset": offset, "nbytes": data.nbytes, "sha256": hashlib.sha256(data).hexdigest()})
                 errors.append(err)
                 offset = round_up(offset + data.nbytes, PAGE)
+                del data
+                for path in [tmp / BUNDLES_FILE, *src.files]:  # each byte is read or written once
+                    release_pages(path)
             f.truncate(offset)
+        del net, layer  # the resident weights below are the last references to what is left
         mx.save_safetensors(str(tmp / RESIDENT_FILE), resident, metadata={"format": "mlx-flash"})
         copy_tokenizer(src.tokenizer_dir, tmp)
         requant = None
@@ -219,6 +254,9 @@ def setup_arg_parser():
                    help="bits of the requantized down columns (default: --quantize, or 8 for a quantized source)")
     p.add_argument("--align", type=int, default=DEFAULT_ALIGNMENT,
                    help="bundle stride alignment in bytes (the disk's logical block size or a multiple)")
+    p.add_argument("--dram-budget", default=None,
+                   help="memory the conversion may use (e.g. 8G, or a share of the model: 0.5, 60%%): checked "
+                        "up front against the resident part plus one FFN layer")
     return p
 
 
@@ -226,7 +264,7 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     out = args.out or default_folder(args.model)
-    convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align)
+    convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align, args.dram_budget)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import FlashError
 from .flash.attach import attach_flash
+from .flash.bundle_reader import BundleBuffer, BundleReader
 from .format import (
     BUNDLES_FILE,
     CONFIG_FILE,
@@ -39,6 +40,7 @@ from .sources import (
     read_source,
     resolve,
 )
+from .system import release_pages
 
 MODES = ("dense", "flash")
 _DOWN_BIAS = re.compile(r"layers\.(\d+)\.mlp\.down_proj\.bias$")
@@ -69,6 +71,7 @@ def load_resident(folder: Path, cfg: FlashConfig):
     # evaluate everything now: a lazy load left for later would belong to this thread's stream,
     # and a server generates from other threads
     mx.eval(model.parameters(), [b for b in down_bias if b is not None])
+    release_pages(folder / RESIDENT_FILE)  # in MLX's memory now: a cached copy would count twice
     model.eval()
     return model, down_bias
 
@@ -85,14 +88,49 @@ def read_all_bundles(folder: Path, cfg: FlashConfig, verify: bool = True) -> np.
     return data
 
 
+def _bundle_ffn(rows: mx.array, cfg: FlashConfig, spec, down_bias) -> BundleFFN:
+    """A dense FFN over one layer's (d_ff, stride) bundle rows, its fields copied packed (MLX copies
+    strided operands at every matmul otherwise)."""
+    fields = {k: tuple(map(mx.contiguous, v)) if isinstance(v, tuple) else mx.contiguous(v)
+              for k, v in field_arrays(rows, cfg.layout).items()}
+    return BundleFFN(spec, fields, down_bias, cfg.quantization)
+
+
 def attach_dense(model, folder: Path, cfg: FlashConfig, down_bias):
     data = read_all_bundles(folder, cfg)
     for l, layer in enumerate(model.layers):
         rows = mx.array(layer_view(data, cfg, l))  # (d_ff, stride) bytes, copied once
-        fields = {k: tuple(map(mx.contiguous, v)) if isinstance(v, tuple) else mx.contiguous(v)
-                  for k, v in field_arrays(rows, cfg.layout).items()}
-        layer.mlp = BundleFFN(model.ffn_spec, fields, down_bias[l], cfg.quantization)
+        layer.mlp = _bundle_ffn(rows, cfg, model.ffn_spec, down_bias[l])
     mx.eval(model.parameters())
+
+
+class LayerLoader:
+    """Dense FFNs read one layer at a time into one reused buffer: `loader(l)` reads layer l, checks
+    its SHA-256 and returns its FFN, valid until the next call. Calibration uses it to run a model
+    whose FFNs do not fit in memory together.
+
+    Reads bypass the page cache where the filesystem allows (each byte is read once)."""
+
+    def __init__(self, folder: Path, cfg: FlashConfig, spec, down_bias, threads: int = 4):
+        self.cfg, self.spec, self.down_bias = cfg, spec, down_bias
+        self.buf = BundleBuffer(cfg.d_ff, cfg.layout)
+        try:
+            self.reader = BundleReader(folder, cfg, threads=threads, direct=True)
+        except FlashError:  # a filesystem in memory, say: buffered reads, dropped from the cache after
+            self.reader = BundleReader(folder, cfg, threads=threads, direct=False)
+
+    def __call__(self, l: int) -> BundleFFN:
+        self.reader.read_layer_all(l, self.buf)
+        if not self.reader.direct:
+            release_pages(self.reader.path)
+        if hashlib.sha256(self.buf.np).hexdigest() != self.cfg.layers[l]["sha256"]:
+            raise FlashError(f"{self.reader.path} is corrupt: checksum mismatch in layer {l}")
+        ffn = _bundle_ffn(self.buf.mx, self.cfg, self.spec, self.down_bias[l])
+        mx.eval(ffn.parameters())
+        return ffn
+
+    def close(self):
+        self.reader.close()
 
 
 def load_flash(folder, mode: str = "dense", **flash_options):

@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,8 +55,9 @@ class Source:
 
     name: str
     config: dict
-    weights: Dict[str, mx.array]
+    weights: Dict[str, mx.array]  # safetensors: lazy, each tensor read from disk when first evaluated
     tokenizer_dir: Path  # folder with the tokenizer files (temporary for GGUF)
+    files: List[Path] = field(default_factory=list)  # the weight files, read once by convert
 
 
 def model_class(config: dict):
@@ -130,7 +131,7 @@ def read_source(model: str) -> Source:
         tok_dir = Path(tempfile.mkdtemp(prefix="mlx-flash-tok-"))
         atexit.register(shutil.rmtree, tok_dir, True)
         save_gguf_tokenizer(tok, tok_dir)
-        return Source(model, config, weights, tok_dir)
+        return Source(model, config, weights, tok_dir, [path])
     if (path / CONFIG_FILE).is_file():
         raise FlashError(f"{path} is already a converted flash model")
     if not (path / "config.json").is_file():
@@ -145,10 +146,10 @@ def read_source(model: str) -> Source:
     weights = {}
     for f in files:
         try:
-            weights.update(mx.load(f))
+            weights.update(mx.load(f))  # lazy: only the header is read here
         except Exception as e:
             raise FlashError(f"cannot read weights {f}: {e}")
-    return Source(model, config, weights, path)
+    return Source(model, config, weights, path, [Path(f) for f in files])
 
 
 def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optional[dict]):
@@ -166,8 +167,11 @@ def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optiona
     nn.quantize(model, class_predicate=predicate)
 
 
-def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True) -> nn.Module:
-    """Instantiate the architecture, quantize the modules that arrive quantized, load weights."""
+def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True, lazy: bool = False) -> nn.Module:
+    """Instantiate the architecture, quantize the modules that arrive quantized, load weights.
+
+    lazy: leave the weights unevaluated, so that lazily loaded ones are read only when used
+    (convert reads one layer's FFN at a time); the caller should then drop `weights`."""
     Model, ModelArgs = model_class(config)
     try:
         model = Model(ModelArgs.from_dict(config))
@@ -179,7 +183,8 @@ def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True)
         model.load_weights(list(weights.items()), strict=strict)
     except ValueError as e:
         raise FlashError(f"weights do not match the config: {str(e).splitlines()[0]}")
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     model.eval()
     return model
 

@@ -200,6 +200,15 @@ def drop_cache(path: Path):
             mapped.close()
 
 
+def release_pages(path: Path):
+    """Write back and forget a file that was read or written once (convert, calibration): cached, it
+    would only push out what the user runs, and count against a memory cgroup's limit."""
+    try:
+        drop_cache(path)
+    except OSError:  # a read-only or special file: its pages stay cached, nothing worse
+        pass
+
+
 def major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 

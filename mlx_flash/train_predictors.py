@@ -1,13 +1,16 @@
 """Calibrate sparsity and train the activation predictors of a converted model.
 
     python -m mlx_flash.train_predictors --model models/smollm2-135m [--text FILE ...]
-        [--sparsity 0.5] [--rank R --last-layers-rank R2 --epochs E] [--window K]
+        [--sparsity 0.5] [--rank R --last-layers-rank R2 --epochs E] [--window K] [--dram-budget 8G]
 
 Runs the model densely over calibration text (the text shipped in the package
 unless --text is given; `hf://datasets/<repo>/<file>` fetches one from the Hub),
 calibrates one activation threshold per layer (0 for ReLU models), trains one
 low-rank predictor per layer, sizes the neuron windows from the predicted sets,
 and stores it all in the model folder (predictors.safetensors + flash.json).
+It works one layer at a time (sparsity.record_layers): memory holds the resident
+part, one layer's bundles and that layer's activations, so a model bigger than
+memory can be calibrated; --dram-budget is checked against that up front.
 """
 
 import argparse
@@ -20,22 +23,24 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import FlashError, cli
+from .flash.budget import CALIBRATION_CHUNK, calibration_tokens, returning_freed_memory
 from .flash.predictor import (
     default_ranks,
     save_predictors,
     train_layer,
-    window_union_sizes,
+    window_union_p99,
 )
 from .flash.sparsity import (
-    active_masks,
-    collect,
+    LayerActivations,
+    active_mask,
     is_relu,
     read_texts,
-    thresholds,
+    record_layers,
+    threshold,
     token_windows,
 )
 from .format import CONFIG_FILE, FlashConfig
-from .load import is_flash_folder, load_flash
+from .load import LayerLoader, is_flash_folder, load_resident
 from .sources import load_tokenizer
 
 PREDICTORS_FILE = "predictors.safetensors"
@@ -59,35 +64,50 @@ def fetch_hub_text(spec: str) -> str:
 
 
 def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=None, epochs=8,
-          tokens=DEFAULT_TOKENS, seq_len=256, window=DEFAULT_WINDOW, target_recall=DEFAULT_RECALL,
+          tokens=None, seq_len=256, window=DEFAULT_WINDOW, target_recall=DEFAULT_RECALL, dram_budget=None,
           progress=True) -> dict:
-    """Calibrate and train; returns the `predictors` entry written to flash.json."""
+    """Calibrate and train, one layer at a time; returns the `predictors` entry written to flash.json.
+
+    tokens: calibration tokens (default DEFAULT_TOKENS, or fewer if `dram_budget` holds only fewer).
+    Memory: the resident part, one layer's bundles and that layer's activations (record_layers)."""
     folder = Path(folder)
     if not is_flash_folder(folder):
         raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
     if not 0 < sparsity < 1:
         raise FlashError("--sparsity must be between 0 and 1")
     texts = [fetch_hub_text(t) if t.startswith("hf://datasets/") else t for t in (texts or [])]
-    model, cfg = load_flash(folder, "dense")
-    tokenizer = load_tokenizer(folder)
-    windows = token_windows(tokenizer, read_texts(texts), tokens, seq_len)
-    acts = collect(model, windows, progress=progress)
-    del model
-    ts = thresholds(acts, cfg.activation, sparsity)
-    masks = active_masks(acts, ts)
+    cfg = FlashConfig.load(folder)
+    cfg.check_files(folder)
     ranks = default_ranks(cfg.n_layers, cfg.d_model, rank, last_rank)
+    tokens = calibration_tokens(folder, cfg, ranks, tokens, DEFAULT_TOKENS, seq_len, dram_budget)
+    windows = token_windows(load_tokenizer(folder), read_texts(texts), tokens, seq_len)
+    model, down_bias = load_resident(folder, cfg)
+    loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
+    ts, predictors, tables = [], [], []
+    bar = tqdm(total=cfg.n_layers, desc=f"calibrating and training predictors on {windows.size} tokens",
+               unit="layer", disable=not progress)
 
-    predictors, tables = [], []
-    bar = tqdm(range(cfg.n_layers), desc="training predictors", unit="layer", disable=not progress)
-    for l in bar:
-        p, by_recall = train_layer(acts.xs[l], masks[l], ranks[l], epochs=epochs, target_recall=target_recall)
+    def on_layer(a: LayerActivations):
+        """Layer l's threshold, predictor and window sizes, while its activations are at hand."""
+        ts.append(threshold(a.h, cfg.activation, sparsity))
+        p, by_recall = train_layer(a.x, active_mask(a.h, ts[-1]), ranks[a.layer], epochs=epochs,
+                                   target_recall=target_recall)
+        reports = list(by_recall.values())
+        for r, union in zip(reports, window_union_p99(p, a.x, [r.tau for r in reports], window, a.seq_len)):
+            r.union_p99 = union  # neurons a window of `window` tokens holds at this threshold
+        p.set_dtype(mx.float16)  # as stored: half the memory while the other layers train
         predictors.append(p)
-        z = np.array(p(mx.array(acts.xs[l])).astype(mx.float32))
-        for r in by_recall.values():  # neurons a window of `window` tokens holds at this threshold
-            r.union_p99 = int(np.percentile(window_union_sizes(z > r.tau, window, seq_len), 99))
         tables.append(by_recall)
         r = by_recall[target_recall]
         bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}")
+        bar.update()
+
+    try:
+        with returning_freed_memory(dram_budget is not None):
+            record_layers(model, windows, loader, on_layer, CALIBRATION_CHUNK)
+    finally:
+        loader.close()
+        bar.close()
     reports = [t[target_recall] for t in tables]
     union_p99 = [r.union_p99 for r in reports]
     levels = {str(k): {"tau": [t[k].tau for t in tables], "recall": [t[k].recall for t in tables],
@@ -144,10 +164,14 @@ def setup_arg_parser():
     p.add_argument("--rank", type=int, default=None, help="predictor rank (default: 128, or d_model/4)")
     p.add_argument("--last-layers-rank", type=int, default=None, help="rank of the last 4 layers (default 4x)")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens")
+    p.add_argument("--tokens", type=int, default=None,
+                   help=f"calibration tokens (default {DEFAULT_TOKENS}, or what --dram-budget leaves room for)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window k used to size the neuron caches")
     p.add_argument("--target-recall", type=float, default=DEFAULT_RECALL)
+    p.add_argument("--dram-budget", default=None,
+                   help="memory calibration may use (e.g. 8G, or a share of the model: 0.5, 60%%): checked "
+                        "up front; a budget too small for the default --tokens calibrates on fewer")
     return p
 
 
@@ -155,7 +179,7 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     entry = train(args.model, args.text, args.sparsity, args.rank, args.last_layers_rank, args.epochs,
-                  args.tokens, args.seq_len, args.window, args.target_recall)
+                  args.tokens, args.seq_len, args.window, args.target_recall, args.dram_budget)
     print_report(entry, FlashConfig.load(Path(args.model)).d_ff)
     print(f"predictors written to {Path(args.model) / PREDICTORS_FILE}")
 

@@ -119,9 +119,29 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _save(folder: Path, tensors: dict) -> None:
+def _save(folder: Path, tensors: dict, name: str = "model.safetensors") -> None:
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(folder / name), metadata={"format": "pt"})
+
+
+class _Shards:
+    """Writes tensors shard by shard (``model-00001-of-0000N.safetensors`` plus the
+    index), so that a model larger than the writer's memory can be made."""
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n, self.weight_map, self.size = folder, n, {}, 0
+
+    def flush(self, tensors: dict) -> None:
+        name = f"model-{len(set(self.weight_map.values())) + 1:05d}-of-{self.n:05d}.safetensors"
+        _save(self.folder, tensors, name)
+        self.weight_map.update({k: name for k in tensors})
+        self.size += sum(v.size * 4 for v in tensors.values())
+        tensors.clear()
+
+    def close(self, tensors: dict) -> None:
+        self.flush(tensors)
+        _write_json(self.folder / "model.safetensors.index.json",
+                    {"metadata": {"total_size": self.size}, "weight_map": self.weight_map})
 
 
 # --------------------------------------------------------------------------
@@ -177,13 +197,16 @@ def make_llama(
     tie_word_embeddings: bool = True,
     num_key_value_heads: int = 2,
     seed: int = 0,
+    shard_layers: int | None = None,
     **overrides,
 ) -> Path:
     """Write a tiny random Llama (LlamaForCausalLM layout) into ``folder``.
 
     ``hidden_act="relu"`` gives a ReLU-Llama (SparseLLM/ReluLLaMA-7B style).
     ``overrides`` replace config.json fields (e.g. ``num_hidden_layers=4``,
-    ``hidden_size=128``, ``vocab_size=1024``). Returns the folder as a Path.
+    ``hidden_size=128``, ``vocab_size=1024``). ``shard_layers``: write a shard
+    every that many layers, holding no more than that in memory (same weights).
+    Returns the folder as a Path.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -208,7 +231,11 @@ def make_llama(
     emb_u = S["embed_u"] * S["embed"] * np.sqrt(d)
     t["model.embed_tokens.weight"] = (emb + emb_u * u).astype(np.float32)
     s_in = 1.0 / np.sqrt(d)
-    for i in range(cfg["num_hidden_layers"]):
+    n_layers = cfg["num_hidden_layers"]
+    shards = _Shards(folder, -(-n_layers // shard_layers)) if shard_layers else None
+    for i in range(n_layers):
+        if shards and i and i % shard_layers == 0:
+            shards.flush(t)
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = _normal(rng, (d,), 0.05, 1.0)
         # q/k/v_proj and up_proj ignore u, so the shared component does not
@@ -233,7 +260,10 @@ def make_llama(
         folder / "generation_config.json",
         {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]},
     )
-    _save(folder, t)
+    if shards:
+        shards.close(t)
+    else:
+        _save(folder, t)
     write_tokenizer(folder, kind="llama", vocab_size=V, model_max_length=cfg["max_position_embeddings"])
     return folder
 

@@ -23,11 +23,12 @@ def active_sets(folder: Path, tokens: int = 512, seq_len: int = 128, source: str
                 progress: bool = False):
     """Per layer (N, d_ff) bool masks over held-out text, and the sequence length."""
     import mlx.core as mx
+    from tqdm import tqdm
 
     from ..flash.predictor import load_predictors
-    from ..flash.sparsity import HELDOUT_TEXT, collect, read_texts, token_windows
+    from ..flash.sparsity import HELDOUT_TEXT, active_mask, read_texts, record_layers, token_windows
     from ..format import FlashConfig
-    from ..load import load_flash
+    from ..load import LayerLoader, load_resident
     from ..sources import load_tokenizer
 
     folder = Path(folder)
@@ -36,18 +37,26 @@ def active_sets(folder: Path, tokens: int = 512, seq_len: int = 128, source: str
         raise FlashError(f"{folder} has no predictors: run python -m mlx_flash.train_predictors --model {folder}")
     if source not in ("predicted", "active"):
         raise FlashError("--source must be 'predicted' or 'active'")
-    model, _ = load_flash(folder, "dense")
     windows = token_windows(load_tokenizer(folder), read_texts([str(text or HELDOUT_TEXT)]), tokens, seq_len)
-    acts = collect(model, windows, progress=progress)
-    del model
-    if source == "active":
-        ts = cfg.predictors["activation_threshold"]
-        return [h.astype(np.float32) > t for h, t in zip(acts.hs, ts)], windows.shape[1], cfg
     preds = load_predictors(mx.load(str(folder / cfg.predictors["file"])), cfg.n_layers)
     masks = []
-    for l, p in enumerate(preds):
-        z = np.array(p(mx.array(acts.xs[l])).astype(mx.float32))  # (N, d_ff)
-        masks.append(z > cfg.predictors["tau"][l])
+    bar = tqdm(total=cfg.n_layers, desc="dense pass over held-out text", unit="layer", disable=not progress)
+
+    def on_layer(a):
+        bar.update()
+        if source == "active":
+            masks.append(active_mask(a.h, cfg.predictors["activation_threshold"][a.layer]))
+        else:
+            z = np.array(preds[a.layer](mx.array(a.x)).astype(mx.float32))  # (N, d_ff)
+            masks.append(z > cfg.predictors["tau"][a.layer])
+
+    model, down_bias = load_resident(folder, cfg)
+    loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
+    try:
+        record_layers(model, windows, loader, on_layer)
+    finally:
+        loader.close()
+        bar.close()
     return masks, windows.shape[1], cfg
 
 

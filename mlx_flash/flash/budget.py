@@ -15,13 +15,17 @@ match), whose attention scores and activations are the working memory planned.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
+
+import mlx.core as mx
 
 from ..errors import FlashError
 from ..format import RESIDENT_FILE, FlashConfig
 from ..sizes import parse_budget
+from .predictor import TRAIN_BATCH
 
 DEFAULT_THREADS = 32  # the paper's
 DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
@@ -149,3 +153,78 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     buffers = sum(wanted) * row
     return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, wanted, window,
                 staging_rows(cfg), max_kv_size, chunk)
+
+
+# MARK: - preparing a model within a budget (convert, calibration)
+
+
+@contextmanager
+def returning_freed_memory(active: bool = True):
+    """Within: MLX hands freed buffers back to the OS instead of keeping them for reuse, so that a
+    command working layer by layer stays within its budget (the previous cache limit is restored)."""
+    previous = mx.set_cache_limit(0) if active else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            mx.set_cache_limit(previous)
+
+
+def check_prepare(what: str, budget, total: int, parts: Dict[str, int], hint: str = "") -> Optional[int]:
+    """The budget in bytes (None when none is given) once it is checked to hold `parts`, what a
+    command holds at once; otherwise one line that says where the bytes go."""
+    budget_bytes = parse_budget(budget, total)
+    need = sum(parts.values())
+    if budget_bytes is not None and need > budget_bytes:
+        items = " + ".join(f"{k} {v / 1e6:.1f} MB" for k, v in parts.items())
+        raise FlashError(f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot {what}: {items} need "
+                         f"{need / 1e6:.1f} MB ({need / total:.0%} of the model's {total / 1e6:.1f} MB){hint}")
+    return budget_bytes
+
+
+CALIBRATION_CHUNK = 256  # tokens whose FFN activations are computed at once during calibration
+
+
+def calibration_token_bytes(cfg: FlashConfig, seq_len: int) -> int:
+    """What calibration holds per calibration token while it works on one layer: the hidden states,
+    the attention's intermediates and scores over the token's sequence, this and the previous layer's
+    FFN inputs in float16, and per neuron |h| in float16, its active mask, the threshold's float32
+    copies (or the float32 targets of predictor training, and their mirror in MLX)."""
+    heads = cfg.model_config.get("num_attention_heads", 1)
+    return cfg.d_model * (8 * 4 + 2 * 2) + heads * seq_len * 4 * 3 + cfg.d_ff * 16
+
+
+def calibration_parts(cfg: FlashConfig, resident: int, ranks: List[int], tokens: int, seq_len: int) -> dict:
+    """What calibration holds at once, by part, for `tokens` calibration tokens (the constants were
+    measured on a 12-layer Llama with d_ff 8192: 128 and 1024 tokens, within 7% and 1%)."""
+    predictors = sum(2 * (r * cfg.d_model + cfg.d_ff * r + cfg.d_ff) for r in ranks)  # float16 once trained
+    layer = 2 * cfg.d_ff * cfg.layout.stride  # its bundles, and their fields copied packed
+    # one at a time: a chunk's FFN (gate, up, h in float32), a training step's scores, loss and
+    # gradients, or one sequence's predicted sets and their running counts (window sizes)
+    working = cfg.d_ff * max(CALIBRATION_CHUNK * 4 * 3, min(tokens, TRAIN_BATCH) * 4 * 8, seq_len * 17)
+    return {"resident weights": resident, "predictors": predictors, "one FFN layer": layer, "working memory": working,
+            f"activations of {tokens} tokens": tokens * calibration_token_bytes(cfg, seq_len)}
+
+
+def calibration_tokens(folder: Path, cfg: FlashConfig, ranks: List[int], tokens: Optional[int], default: int,
+                       seq_len: int, budget=None) -> int:
+    """The calibration tokens: `tokens` if given (refused if the budget cannot hold them), else `default`,
+    or as many whole sequences as the budget leaves room for when that is fewer."""
+    resident = (Path(folder) / RESIDENT_FILE).stat().st_size
+    total = model_bytes(folder, cfg)
+    budget_bytes = parse_budget(budget, total)
+    wanted = tokens or default
+    if budget_bytes is None:
+        return wanted
+    need = lambda t: sum(calibration_parts(cfg, resident, ranks, t, seq_len).values())
+    lo, hi = 0, wanted // seq_len  # whole sequences; need() grows with them
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid * seq_len) <= budget_bytes else (lo, mid - 1)
+    fit = lo * seq_len
+    if tokens is None and seq_len <= fit < wanted:
+        wanted = fit
+    hint = f"; at most {fit} tokens fit: pass --tokens {fit}" if tokens and fit >= seq_len else ""
+    check_prepare("calibrate this model", budget, total, calibration_parts(cfg, resident, ranks, wanted, seq_len),
+                  hint)
+    return wanted

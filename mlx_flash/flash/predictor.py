@@ -16,6 +16,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+TRAIN_BATCH = 512  # tokens per optimizer step
 # recall levels whose thresholds are stored, so flash mode can trade quality for reads at load time
 RECALL_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 
@@ -47,7 +48,7 @@ class LayerReport:
     union_p99: int = 0  # neurons held by a window at this threshold (99th percentile), set by the caller
 
 
-def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = 512, lr: float = 2e-3,
+def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = TRAIN_BATCH, lr: float = 2e-3,
                 target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0):
     """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
 
@@ -117,6 +118,17 @@ def window_union_sizes(pred: np.ndarray, window: int, seq_len: int) -> np.ndarra
         held[window:] -= cs[:-window]  # tokens t-window+1 .. t hold each neuron this often
         sizes[s : s + len(cs)] = np.count_nonzero(held, axis=1)
     return sizes
+
+
+def window_union_p99(predictor, x: np.ndarray, taus: List[float], window: int, seq_len: int) -> List[int]:
+    """Per threshold tau: the neurons a window of `window` tokens holds (99th percentile over the tokens
+    x, (N, d_model)), scoring one calibration sequence at a time rather than all N tokens at once."""
+    sizes = [[] for _ in taus]
+    for s in range(0, len(x), seq_len):
+        z = np.array(predictor(mx.array(x[s : s + seq_len])).astype(mx.float32))  # (seq_len, d_ff)
+        for k, tau in enumerate(taus):
+            sizes[k].append(window_union_sizes(z > tau, window, seq_len))
+    return [int(np.percentile(np.concatenate(v), 99)) for v in sizes]
 
 
 def save_predictors(predictors: List[LowRankPredictor]) -> Dict[str, mx.array]:

@@ -4,18 +4,18 @@
 - Other GLU models (SmolLM2, Llama 3): active iff |act(gate_j x) * up_j x| > t_l, with
   one threshold per layer calibrated on text for a target sparsity.
 
-`collect` runs a dense model over text and keeps, per layer, the FFN inputs and
-hidden activations: the training data of the predictors.
+`record_layers` runs a dense model over text one layer at a time and hands each
+layer's FFN inputs and hidden activations (the training data of its predictor)
+to the per-layer work, so that a model bigger than memory can be calibrated.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import FlashError
 
@@ -68,60 +68,95 @@ class _LastLayerDone(Exception):
     """Raised after the last FFN: the final norm and the LM head are not needed."""
 
 
-class _Recorder(nn.Module):
-    """Wraps an FFN provider: computes as usual and keeps its inputs and activations."""
+@dataclass
+class LayerActivations:
+    """One layer's FFN over every calibration token, handed to the per-layer work while that
+    layer's bundles are in memory. Nothing of it outlives the call unless the work keeps it."""
 
-    def __init__(self, ffn, last: bool):
+    layer: int
+    x: np.ndarray  # (N, d_model) float16: FFN inputs
+    h: np.ndarray  # (N, d_ff) float16: |hidden activation|
+    seq_len: int  # tokens are N // seq_len consecutive windows: token i sits at position i % seq_len
+    prev_x: Optional[np.ndarray]  # (N, d_model) float16: the previous layer's FFN inputs (None at layer 0)
+    ffn: nn.Module  # this layer's FFN provider (activations, down)
+
+
+class _Recorder(nn.Module):
+    """Stands in for layer l's FFN during the pass: gets the provider when the layer is reached,
+    computes it over the whole batch in chunks, hands the activations to the per-layer work."""
+
+    def __init__(self, layer: int, run: "_Pass"):
         super().__init__()
-        self.ffn, self.last = ffn, last
-        self.xs, self.hs = [], []
+        self.layer, self.run = layer, run
 
     def __call__(self, x):
-        h = self.ffn.activations(x)
-        self.xs.append(x.reshape(-1, x.shape[-1]).astype(mx.float16))  # (B*L, d_model)
-        self.hs.append(mx.abs(h).reshape(-1, h.shape[-1]).astype(mx.float16))  # (B*L, d_ff)
-        if self.last:
+        run, l = self.run, self.layer
+        mx.eval(x)  # this layer's attention, over every sequence
+        ffn = run.ffn_for(l)
+        B, L, D = x.shape
+        flat = x.reshape(-1, D)  # (N, d_model)
+        xs = np.array(flat.astype(mx.float16))
+        hs = np.empty((len(xs), ffn.spec.d_ff), dtype=np.float16)
+        ys = []
+        for i in range(0, len(xs), run.chunk):  # (chunk, d_ff) activations at a time, not (N, d_ff)
+            h = ffn.activations(flat[i : i + run.chunk])
+            y = ffn.down(h) if not run.last(l) else None
+            mx.eval(h, y)
+            hs[i : i + len(h)] = np.array(mx.abs(h).astype(mx.float16))
+            ys.append(y)
+        run.on_layer(LayerActivations(l, xs, hs, L, run.prev_x, ffn))
+        run.prev_x = xs
+        run.done += 1
+        if run.last(l):
             raise _LastLayerDone
-        return self.ffn(x)
+        y = mx.concatenate(ys).reshape(B, L, D)
+        mx.eval(y)  # before the next layer's bundles replace this one's
+        return y
 
 
 @dataclass
-class Activations:
-    xs: List[np.ndarray]  # per layer (N, d_model) float16: FFN inputs
-    hs: List[np.ndarray]  # per layer (N, d_ff) float16: |hidden activation|
-    seq_len: int  # tokens are N // seq_len consecutive windows
+class _Pass:
+    ffn_for: Callable[[int], nn.Module]
+    on_layer: Callable[[LayerActivations], None]
+    n_layers: int
+    chunk: int
+    prev_x: Optional[np.ndarray] = None
+    done: int = 0
+
+    def last(self, l: int) -> bool:
+        return l == self.n_layers - 1
 
 
-def collect(model, windows: np.ndarray, batch: int = 8, progress: bool = True) -> Activations:
-    """Dense forward passes over token windows, recording every layer's FFN."""
+def record_layers(model, windows: np.ndarray, ffn_for: Callable[[int], nn.Module],
+                  on_layer: Callable[[LayerActivations], None], chunk: int = 256):
+    """One dense forward pass over all token windows at once, so that it reaches layer l for every
+    sequence before layer l + 1: `ffn_for(l)` gives layer l's FFN then (read from disk, say), and
+    `on_layer` does that layer's work before the next layer is read. Peak memory: the resident part,
+    one layer's FFN and one layer's activations, whatever the number of layers.
+
+    ffn_for(l) returns a provider with `spec`, `activations(x)` and `down(h)` (models.ffn)."""
     layers = model.layers
     originals = [l.mlp for l in layers]
-    recorders = [_Recorder(f, i == len(originals) - 1) for i, f in enumerate(originals)]
-    for l, r in zip(layers, recorders):
-        l.mlp = r
+    run = _Pass(ffn_for, on_layer, len(layers), chunk)
+    for i, layer in enumerate(layers):
+        layer.mlp = _Recorder(i, run)
     try:
-        for i in tqdm(range(0, len(windows), batch), desc="dense pass over calibration text",
-                      unit="batch", disable=not progress):
-            try:
-                model(mx.array(windows[i : i + batch]))
-            except _LastLayerDone:
-                pass
-            mx.eval([r.xs[-1] for r in recorders] + [r.hs[-1] for r in recorders])
+        model(mx.array(windows))
+    except _LastLayerDone:
+        pass
     finally:
-        for l, f in zip(layers, originals):
-            l.mlp = f
-    xs = [np.array(mx.concatenate(r.xs)) for r in recorders]
-    hs = [np.array(mx.concatenate(r.hs)) for r in recorders]
-    return Activations(xs, hs, windows.shape[1])
+        for layer, f in zip(layers, originals):
+            layer.mlp = f
+    assert run.done == len(layers)
 
 
-def thresholds(acts: Activations, activation: str, sparsity: float) -> List[float]:
-    """Per-layer t_l: 0 for ReLU models, else the `sparsity` quantile of |h| in that layer."""
+def threshold(h: np.ndarray, activation: str, sparsity: float) -> float:
+    """A layer's t_l: 0 for ReLU models, else the `sparsity` quantile of |h| over the calibration tokens."""
     if is_relu(activation):
-        return [0.0] * len(acts.hs)
-    return [float(np.quantile(h.astype(np.float32), sparsity)) for h in acts.hs]
+        return 0.0
+    return float(np.quantile(h.astype(np.float32), sparsity))
 
 
-def active_masks(acts: Activations, ts: List[float]) -> List[np.ndarray]:
-    """Per layer (N, d_ff) bool: the true active sets."""
-    return [h.astype(np.float32) > t for h, t in zip(acts.hs, ts)]
+def active_mask(h: np.ndarray, t: float) -> np.ndarray:
+    """(N, d_ff) bool: a layer's true active sets."""
+    return h.astype(np.float32) > t

@@ -51,8 +51,12 @@ class DenseFFN(nn.Module):
             return self.spec.act(self.gate_proj(x)) * self.up_proj(x)
         return self.spec.act(self.up_proj(x))
 
+    def down(self, h: mx.array) -> mx.array:
+        """(..., d_ff) activations -> (..., d_model): the second half of the FFN."""
+        return self.down_proj(h)
+
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.activations(x))
+        return self.down(self.activations(x))
 
 
 def _rows_matmul(a: mx.array, w, transpose: bool, quant, bits_key="bits") -> mx.array:
@@ -104,6 +108,9 @@ class BundleFFN(nn.Module):
 
     def activations(self, x: mx.array) -> mx.array:
         return bundle_hidden(x, self.spec, self.fields, self.quant)
+
+    def down(self, h: mx.array) -> mx.array:
+        return bundle_down(h, self.fields, self.down_bias, self.quant)
 
     def __call__(self, x: mx.array) -> mx.array:
         return bundle_ffn(x, self.spec, self.fields, self.down_bias, self.quant)
