@@ -157,6 +157,9 @@ def print_report(entry: dict, d_ff: int):
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Calibrate sparsity and train activation predictors.")
     p.add_argument("--model", "-M", required=True, help="converted flash model folder")
+    p.add_argument("--dram-budget", default=None,
+                   help="memory calibration may use (e.g. 8G, or a share of the model: 0.5, 60%%): checked "
+                        "up front; a budget too small for the default --tokens calibrates on fewer")
     p.add_argument("--text", nargs="*", default=None,
                    help="calibration text files (default: the text shipped in mlx_flash/data)")
     p.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
@@ -169,9 +172,6 @@ def setup_arg_parser():
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window k used to size the neuron caches")
     p.add_argument("--target-recall", type=float, default=DEFAULT_RECALL)
-    p.add_argument("--dram-budget", default=None,
-                   help="memory calibration may use (e.g. 8G, or a share of the model: 0.5, 60%%): checked "
-                        "up front; a budget too small for the default --tokens calibrates on fewer")
     return p
 
 
