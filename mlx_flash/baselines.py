@@ -194,11 +194,11 @@ class HybridFFN(_Timed):
         for k in range(0, self.cfg.d_ff, self.staging.slots):
             part = np.arange(k, min(k + self.staging.slots, self.cfg.d_ff))
             t0 = time.perf_counter()
-            self.reader.read(self.layer, part, self.staging)
+            read = self.reader.read(self.layer, part, self.staging)
             t1 = time.perf_counter()
             self.packed.fill(part, self.staging.np[: len(part)])
             copy, io = copy + time.perf_counter() - t1, io + t1 - t0
-            s.add_read(self.reader.last, self.reader.last.bytes_read, decode)
+            s.add_read(read, read.bytes_read, decode)
         t2 = time.perf_counter()
         y = bundle_ffn(xs, self.spec, self.packed.fields(self.cfg.d_ff), self.down_bias, self.cfg.quantization)
         mx.eval(y)  # before the next layer refills the packed arrays

@@ -147,6 +147,9 @@ def add_model_arguments(p):
                         f"longer requests are refused (default {DEFAULT_MAX_KV_SIZE})")
     p.add_argument("--prefill-step", type=int, default=None,
                    help=f"flash mode: prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP})")
+    p.add_argument("--prefetch", action="store_true",
+                   help="flash mode: read each layer's predicted neurons while the layer before computes (needs "
+                        "train_predictors --lookahead)")
     p.add_argument("--profile", action="store_true",
                    help="flash mode: time attention, prediction and FFN compute apart (adds a host sync per phase)")
 
@@ -167,7 +170,7 @@ def setup_arg_parser():
 def flash_options(args) -> dict:
     opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
             "recall": args.recall, "max_kv_size": args.max_kv_size, "prefill_step": args.prefill_step,
-            "profile": args.profile or None}
+            "prefetch": args.prefetch or None, "profile": args.profile or None}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -189,8 +192,8 @@ def main(argv=None):
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step and --profile "
-                         "apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch "
+                         "and --profile apply to --mode flash only")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None

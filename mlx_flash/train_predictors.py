@@ -24,12 +24,7 @@ from tqdm import tqdm
 
 from .errors import FlashError, cli
 from .flash.budget import CALIBRATION_CHUNK, calibration_tokens, returning_freed_memory
-from .flash.predictor import (
-    default_ranks,
-    save_predictors,
-    train_layer,
-    window_union_p99,
-)
+from .flash.predictor import LOOKAHEAD, default_ranks, save_predictors, train_layer, window_union_p99
 from .flash.sparsity import (
     LayerActivations,
     active_mask,
@@ -65,10 +60,12 @@ def fetch_hub_text(spec: str) -> str:
 
 def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=None, epochs=8,
           tokens=None, seq_len=256, window=DEFAULT_WINDOW, target_recall=DEFAULT_RECALL, dram_budget=None,
-          progress=True) -> dict:
+          lookahead=False, progress=True) -> dict:
     """Calibrate and train, one layer at a time; returns the `predictors` entry written to flash.json.
 
     tokens: calibration tokens (default DEFAULT_TOKENS, or fewer if `dram_budget` holds only fewer).
+    lookahead: also train, for every layer l > 0, a predictor of its active neurons from layer
+    l-1's FFN input (flash.prefetch reads them while layer l-1 computes).
     Memory: the resident part, one layer's bundles and that layer's activations (record_layers)."""
     folder = Path(folder)
     if not is_flash_folder(folder):
@@ -84,6 +81,7 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     model, down_bias = load_resident(folder, cfg)
     loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
     ts, predictors, tables = [], [], []
+    looks, look_tables = [None], [None]  # layer 0 has no layer before it
     bar = tqdm(total=cfg.n_layers, desc=f"calibrating and training predictors on {windows.size} tokens",
                unit="layer", disable=not progress)
 
@@ -98,6 +96,12 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
         p.set_dtype(mx.float16)  # as stored: half the memory while the other layers train
         predictors.append(p)
         tables.append(by_recall)
+        if lookahead and a.prev_x is not None:  # the same targets, from the layer before's input
+            q, by_recall_q = train_layer(a.prev_x, active_mask(a.h, ts[-1]), ranks[a.layer], epochs=epochs,
+                                         target_recall=target_recall)
+            q.set_dtype(mx.float16)
+            looks.append(q)
+            look_tables.append(by_recall_q)
         r = by_recall[target_recall]
         bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}")
         bar.update()
@@ -131,15 +135,26 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
         "recall_levels": levels,
         "calibration": {"tokens": int(windows.size), "seq_len": seq_len,
                         "texts": [str(t) for t in texts] or ["mlx_flash/data/calibration.txt"]},
+        "lookahead": lookahead_entry(look_tables, target_recall) if lookahead and cfg.n_layers > 1 else None,
     }
     tmp = folder / ("tmp-" + PREDICTORS_FILE)
-    mx.save_safetensors(str(tmp), save_predictors(predictors))
+    mx.save_safetensors(str(tmp), {**save_predictors(predictors), **save_predictors(looks, LOOKAHEAD)})
     os.replace(tmp, folder / PREDICTORS_FILE)
     cfg.predictors = entry
     tmp = folder / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(cfg.to_json(), indent=1))
     os.replace(tmp, folder / CONFIG_FILE)
     return entry
+
+
+def lookahead_entry(tables: list, target_recall: float) -> dict:
+    """flash.json's record of the lookahead predictors: per layer (None at layer 0) and recall level,
+    the threshold and what it costs, measured on held-out calibration tokens like the others'."""
+    col = lambda k, key: [None if t is None else getattr(t[k], key) for t in tables]
+    levels = {str(k): {key: col(k, key) for key in ("tau", "recall", "precision", "predicted_share")}
+              for k in tables[1]}
+    return {"prefix": LOOKAHEAD, "target_recall": target_recall, **levels[str(target_recall)],
+            "recall_levels": levels}
 
 
 def print_report(entry: dict, d_ff: int):
@@ -152,6 +167,11 @@ def print_report(entry: dict, d_ff: int):
           f"{mean('recall'):>7.3f} {mean('precision'):>7.3f} {np.mean(entry['window_union_p99']) / d_ff:>7.3f}")
     print("true/pred: share of the FFN active/predicted per token; window: share held by a window of "
           f"{entry['window']} tokens (99th percentile)")
+    look = entry.get("lookahead")
+    if look:
+        got = lambda k: float(np.mean([v for v in look[k] if v is not None]))
+        print(f"lookahead predictors (layer l from layer l-1's input), layers 1+: recall {got('recall'):.3f}, "
+              f"precision {got('precision'):.3f}, predicted {got('predicted_share'):.3f} of the FFN")
 
 
 def setup_arg_parser():
@@ -171,6 +191,9 @@ def setup_arg_parser():
                    help=f"calibration tokens (default {DEFAULT_TOKENS}, or what --dram-budget leaves room for)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="window k used to size the neuron caches")
+    p.add_argument("--lookahead", action="store_true",
+                   help="also train lookahead predictors (layer l's neurons from layer l-1's input) for "
+                        "generate --prefetch")
     p.add_argument("--target-recall", type=float, default=DEFAULT_RECALL)
     return p
 
@@ -179,7 +202,7 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     entry = train(args.model, args.text, args.sparsity, args.rank, args.last_layers_rank, args.epochs,
-                  args.tokens, args.seq_len, args.window, args.target_recall, args.dram_budget)
+                  args.tokens, args.seq_len, args.window, args.target_recall, args.dram_budget, args.lookahead)
     print_report(entry, FlashConfig.load(Path(args.model)).d_ff)
     print(f"predictors written to {Path(args.model) / PREDICTORS_FILE}")
 

@@ -269,6 +269,30 @@ def test_long_prompt_within_the_budget_or_refused(trained_flash):
     assert rc == 2 and err.startswith("error: ") and "8-token context" in err and len(err.splitlines()) == 1
 
 
+def test_prefetch_changes_where_bytes_come_from_not_the_output(trained_flash):
+    """Lookahead prefetch: the same neurons in the same rows, so the same logits; what layer l-1 read
+    ahead for layer l is used (hits), the rest read then (exposed), the unneeded dropped."""
+    folder = trained_flash("llama_relu_untied", lookahead=True)
+    look = FlashConfig.load(folder).predictors["lookahead"]
+    assert look["tau"][0] is None and all(0 < r <= 1 for r in look["recall"][1:])
+    plain, _ = load(str(folder), mode="flash")
+    ahead, _ = load(str(folder), mode="flash", prefetch=True)
+    assert ahead.flash_plan.staging == 3 * plain.flash_plan.staging  # two more staging areas, planned
+    want, want_toks = decode(plain, PROMPT, 12)
+    got, got_toks = decode(ahead, PROMPT, 12)
+    assert got_toks == want_toks
+    np.testing.assert_array_equal(got, want)
+    s, p = ahead.flash_stats, plain.flash_stats
+    assert s.prefetched > 0 and 0 < s.prefetch_hits <= s.needed and s.prefetch_hits + s.prefetch_wasted == s.prefetched
+    assert s.needed == p.needed and s.io_exposed_s <= s.io_s
+    assert s.bundles == p.bundles + s.prefetch_wasted  # what was read ahead and dropped is read in addition
+    snap = s.snapshot()
+    assert 0 < snap["prefetch_hit_rate"] <= 1 and 0 < snap["prefetch_precision"] <= 1
+    rc, err = run_cli("--model", str(trained_flash("opt_pre_ln")), "--mode", "flash", "--prefetch", "-m", "2")
+    assert rc == 2 and "--lookahead" in err and len(err.splitlines()) == 1
+    ahead.flash_reader.close()  # closes the prefetcher's thread first
+
+
 def test_no_neuron_predicted_gives_the_ffn_bias_only(trained_flash):
     folder = trained_flash("opt_pre_ln")
     never = [lambda x: mx.full((x.shape[0], 256), -1.0) for _ in range(2)]

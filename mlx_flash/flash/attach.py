@@ -14,28 +14,35 @@ from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
 from .neuron_cache import NeuronBuffer, NeuronCache
 from .predictor import load_predictors
+from .prefetch import Prefetcher
 
 
 def trained_predictors(folder: Path, cfg: FlashConfig, recall: Optional[float] = None,
-                       bits: Optional[int] = 8) -> Tuple[List, List[float]]:
-    """The calibrated predictors and their thresholds at a recall level, quantized to `bits` in memory."""
+                       bits: Optional[int] = 8, lookahead: bool = False) -> Tuple[List, List[float]]:
+    """The calibrated predictors (lookahead: the lookahead ones, None at layer 0) and their thresholds
+    at a recall level, quantized to `bits` in memory."""
     if cfg.predictors is None:
         raise FlashError(
             f"{folder} has no activation predictors: run python -m mlx_flash.train_predictors --model {folder}")
+    look = cfg.predictors.get("lookahead")
+    if lookahead and not look:
+        raise FlashError(f"{folder} has no lookahead predictors for --prefetch: run python -m "
+                         f"mlx_flash.train_predictors --model {folder} --lookahead")
     pfile = Path(folder) / cfg.predictors["file"]
     if not pfile.is_file():
         raise FlashError(f"{pfile} is missing: run python -m mlx_flash.train_predictors --model {folder}")
     try:
-        predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers)
+        predictors = load_predictors(mx.load(str(pfile)), cfg.n_layers, look["prefix"] if lookahead else "")
     except Exception as e:
         raise FlashError(f"{pfile} is corrupt: {str(e).splitlines()[0]}")
-    taus = predictor_level(cfg, recall)["tau"]
+    taus = predictor_level(look if lookahead else cfg.predictors, recall)["tau"]
     if bits:
         # 8-bit predictors halve their share of the budget; their scores move by well under tau's margin
         for p in predictors:
-            nn.quantize(p, 32, bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
-                        and m.weight.shape[-1] % 32 == 0)
-    mx.eval([p.parameters() for p in predictors])
+            if p is not None:
+                nn.quantize(p, 32, bits, class_predicate=lambda _, m: isinstance(m, nn.Linear)
+                            and m.weight.shape[-1] % 32 == 0)
+    mx.eval([p.parameters() for p in predictors if p is not None])
     return predictors, taus
 
 
@@ -60,26 +67,30 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
 
 def plan_flash(model, folder: Path, cfg: FlashConfig, down_bias, predictors, dram_budget=None, window=None,
                max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
-               slots: Optional[int] = None, recall: Optional[float] = None) -> Plan:
-    """The budget plan of flash mode for this model and these predictors (flash.budget.plan)."""
+               slots: Optional[int] = None, recall: Optional[float] = None, prefetch: bool = False) -> Plan:
+    """The budget plan of flash mode for this model and these predictors (flash.budget.plan);
+    predictors: every predictor held in memory (lookahead ones included)."""
     resident, transient, item = resident_facts(model, down_bias)
     predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
                           for _, v in tree_flatten(p.parameters()))
     return plan(folder, cfg, resident, predictor_bytes, dram_budget, window, max_kv_size, slots, recall, transient,
-                prefill_step, item)
+                prefill_step, item, prefetch)
 
 
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
                  max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
                  slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
-                 predictor_bits: Optional[int] = 8, profile: bool = False):
+                 predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: bool = False,
+                 lookahead=None):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
     predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored).
     max_kv_size, prefill_step: the context reserved and the prompt chunk (flash.budget).
-    profile: time attention, prediction and FFN apart (extra host syncs; the benchmark)."""
+    profile: time attention, prediction and FFN apart (extra host syncs; the benchmark).
+    prefetch: read each layer's predicted neurons while the layer before computes (flash.prefetch),
+    with the trained lookahead predictors or `lookahead` (callables like `predictor`, None at layer 0)."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -90,19 +101,32 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         predictors, taus = trained_predictors(folder, cfg, recall, predictor_bits)
     else:
         predictors, taus = predictor, [0.0] * cfg.n_layers
-    pl = plan_flash(model, folder, cfg, down_bias, predictors, dram_budget, window, max_kv_size, prefill_step,
-                    slots, recall)
+    looks, look_taus = [None] * cfg.n_layers, [0.0] * cfg.n_layers
+    if prefetch:
+        looks, look_taus = (lookahead, look_taus) if lookahead is not None else \
+            trained_predictors(folder, cfg, recall, predictor_bits, lookahead=True)
+    pl = plan_flash(model, folder, cfg, down_bias, predictors + looks, dram_budget, window, max_kv_size,
+                    prefill_step, slots, recall, prefetch)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
     spec = model.ffn_spec
     staging = BundleBuffer(pl.staging_rows, cfg.layout)  # shared: layers run one after another
     scratch = staging.np.reshape(-1)  # row moves happen before a layer's reads, so they can share it
+    ffns = []
     for l, layer in enumerate(model.layers):
         buf = NeuronBuffer(pl.slots[l], cfg.layout, scratch)
         cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, buffer=buf, coalesce_gap=coalesce_gap)
         layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader, staging,
                              down_bias[l], stats, profile)
+        ffns.append(layer.mlp)
+    if prefetch:
+        prefetcher = Prefetcher(reader, cfg.layout, pl.staging_rows)
+        reader.before_close.append(prefetcher.close)  # its reads use the reader's threads
+        for l, f in enumerate(ffns):
+            f.prefetcher = prefetcher
+            if l + 1 < len(ffns) and looks[l + 1] is not None:  # layer l reads ahead for layer l + 1
+                f.lookahead, f.look_tau, f.next = looks[l + 1], look_taus[l + 1], ffns[l + 1]
     if pl.budget is not None:
         mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
     mx.reset_peak_memory()  # peak memory from here on is flash mode's own

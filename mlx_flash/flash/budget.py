@@ -48,7 +48,7 @@ class Plan:
     predictors: int
     kv_cache: int
     working: int
-    staging: int  # the reads' staging area (whole bundles), shared by the layers
+    staging: int  # the reads' staging area (whole bundles), shared by the layers; with prefetch, three
     buffers: int  # the neuron windows: packed fields of `slots` neurons per layer
     slots: List[int]
     window: int
@@ -91,9 +91,9 @@ def working_bytes(cfg: FlashConfig, transient: int = 0, chunk: int = DEFAULT_PRE
     return logits + activations + scores + transient
 
 
-def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
-    """The calibration facts at one recall level: tau, predicted_share, window_union_p99 per layer."""
-    p = cfg.predictors
+def predictor_level(p: dict, recall: Optional[float]) -> dict:
+    """The calibration facts at one recall level (tau, predicted_share, window_union_p99 per layer)
+    of flash.json's `predictors` entry or of its `lookahead` entry."""
     if recall is None or recall == p["target_recall"]:
         return p
     levels = p.get("recall_levels", {})
@@ -107,10 +107,10 @@ def predictor_level(cfg: FlashConfig, recall: Optional[float]) -> dict:
 def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
          window: Optional[int] = None, max_kv_size: int = DEFAULT_MAX_KV_SIZE, slots: Optional[int] = None,
          recall: Optional[float] = None, transient: int = 0, prefill_step: int = DEFAULT_PREFILL_STEP,
-         item: int = 4) -> Plan:
+         item: int = 4, prefetch: bool = False) -> Plan:
     """transient: what the resident part allocates per token beyond its weights; item: bytes per
     element of the activations and KV cache (see flash.attach.resident_facts)."""
-    p = predictor_level(cfg, recall)
+    p = predictor_level(cfg.predictors, recall)
     window = window or p["window"]
     if window < 1:
         raise FlashError("--window must be at least 1")
@@ -122,7 +122,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     working = working_bytes(cfg, transient, chunk, max_kv_size, item)
     kv = kv_bytes(cfg, max_kv_size, item)
     row = cfg.layout.field_bytes
-    staging = staging_rows(cfg) * cfg.layout.stride
+    staging = staging_rows(cfg) * cfg.layout.stride * (3 if prefetch else 1)  # prefetch: two more areas
 
     if slots is not None:
         wanted = [min(cfg.d_ff, slots)] * cfg.n_layers

@@ -20,6 +20,7 @@ explicit opt-out. Every bundle carries a CRC-32, checked right after its read.
 
 import errno
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -154,14 +155,16 @@ class BundleReader:
                 raise FlashError(f"cannot open {self.path}: {e.strerror}")
         self.direct = direct
         self.stats = ReadStats(direct=direct)  # cumulative
-        self.last = ReadStats(direct=direct)  # the latest call
+        self.last = ReadStats(direct=direct)  # the latest call (each read also returns its own)
+        self._lock = threading.Lock()
+        self.before_close = []  # what must stop before the threads do (a Prefetcher using this reader)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="bundle-read")
 
     # -- public API
 
     def read(self, layer: int, neurons: np.ndarray, dest: Union[BundleBuffer, np.ndarray],
-             start_row: int = 0, rows: Optional[np.ndarray] = None):
-        """Read bundle neurons[k] of `layer` into dest row start_row + k (or rows[k])."""
+             start_row: int = 0, rows: Optional[np.ndarray] = None) -> ReadStats:
+        """Read bundle neurons[k] of `layer` into dest row start_row + k (or rows[k]); returns what it cost."""
         buf = self._dest(dest)
         neurons = np.asarray(neurons, dtype=np.int64).ravel()
         if rows is None:
@@ -170,9 +173,9 @@ class BundleReader:
             rows = np.asarray(rows, dtype=np.int64).ravel()
             assert len(rows) == len(neurons)
         self._check(layer, neurons, rows, len(buf))
-        self._run(layer, neurons, rows, buf, self.chunk_bundles)
+        return self._run(layer, neurons, rows, buf, self.chunk_bundles)
 
-    def read_into(self, layer: int, neurons: np.ndarray, rows: np.ndarray, sink, scratch: np.ndarray):
+    def read_into(self, layer: int, neurons: np.ndarray, rows: np.ndarray, sink, scratch: np.ndarray) -> ReadStats:
         """Read bundle neurons[k] of `layer` straight into row rows[k] of `sink`'s field arrays (a
         flash.neuron_cache.NeuronBuffer whose `segments` say where each piece of a bundle goes): the
         aligned fields land in place, the other bytes in row k of `scratch` ((m, sink.scratch_bytes),
@@ -192,18 +195,19 @@ class BundleReader:
         sink.finish(rows, scratch[: len(neurons)])
         call = ReadStats(direct=self.direct, calls=1, bundles=len(neurons), bytes_read=len(neurons) * self.layout.stride,
                          syscalls=syscalls, seconds=time.perf_counter() - t0)
-        self.last = call
-        self.stats.add(call)
+        return self._record(call)
 
     def read_layer_all(self, layer: int, dest: Union[BundleBuffer, np.ndarray],
-                       chunk_bytes: int = LAYER_CHUNK):
+                       chunk_bytes: int = LAYER_CHUNK) -> ReadStats:
         """Every bundle of `layer` into dest rows [0, d_ff), in large reads (dense mode)."""
         buf = self._dest(dest)
         neurons = np.arange(self.cfg.d_ff, dtype=np.int64)
         self._check(layer, neurons, neurons, len(buf))
-        self._run(layer, neurons, neurons, buf, max(1, chunk_bytes // self.layout.stride))
+        return self._run(layer, neurons, neurons, buf, max(1, chunk_bytes // self.layout.stride))
 
     def close(self):
+        while self.before_close:
+            self.before_close.pop()()
         if self.fd >= 0:
             self._pool.shutdown(wait=True)
             os.close(self.fd)
@@ -256,8 +260,13 @@ class BundleReader:
             chunks = list(zip(neurons[first].tolist(), rows[first].tolist(), count.tolist()))
             call.syscalls = self._dispatch(self._read_chunks, layer, chunks, (buf,))
         call.seconds = time.perf_counter() - t0
-        self.last = call
-        self.stats.add(call)
+        return self._record(call)
+
+    def _record(self, call: ReadStats) -> ReadStats:
+        with self._lock:  # reads may run on several threads at once (prefetch)
+            self.last = call
+            self.stats.add(call)
+        return call
 
     def _dispatch(self, worker, layer: int, chunks: list, args: tuple) -> int:
         """Deal the chunks out to the threads (one in this thread when a single task); returns syscalls."""

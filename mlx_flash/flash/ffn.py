@@ -51,6 +51,7 @@ class FlashStats:
     memory_s: float = 0.0  # window bookkeeping, row moves, staging copies (the paper's "memory management")
     io_s: float = 0.0
     ffn_s: float = 0.0  # profiling: FFN compute on the buffer rows
+    io_exposed_s: float = 0.0  # the part of io_s the token waited for (all of it without prefetch)
     bytes_read: int = 0
     bytes_requested: int = 0
     bundles: int = 0  # bundles read
@@ -62,6 +63,10 @@ class FlashStats:
     truncations: int = 0
     prompt_io_s: float = 0.0
     prompt_bytes_read: int = 0
+    needed: int = 0  # neurons new to a window in decode (they had to come from disk, now or ahead)
+    prefetched: int = 0  # bundles read ahead by the lookahead (flash.prefetch), decode
+    prefetch_hits: int = 0  # of those, needed by their layer
+    prefetch_wasted: int = 0  # of those, not needed: dropped
 
     def add_read(self, last, requested: int, decode: bool):
         """Count one read call (a ReadStats); `requested`: bytes the caller needed, fillers excluded."""
@@ -91,6 +96,7 @@ class FlashStats:
             "ms_predict": ms(self.predict_s),
             "ms_memory": ms(self.memory_s),
             "ms_io": ms(self.io_s),
+            "ms_io_exposed": ms(self.io_exposed_s),
             "ms_ffn": ms(self.ffn_s),
             "bytes_read_per_token": self.bytes_read / t,
             "bytes_requested_per_token": self.bytes_requested / t,
@@ -105,6 +111,10 @@ class FlashStats:
             "truncations": self.truncations,
             "prompt_bytes_read": self.prompt_bytes_read,
             "prompt_ms_io": 1000.0 * self.prompt_io_s,
+            "prefetched_per_token": self.prefetched / t,  # bundles; x stride for bytes
+            "prefetch_hit_rate": self.prefetch_hits / self.needed if self.prefetched and self.needed else None,
+            "prefetch_precision": self.prefetch_hits / self.prefetched if self.prefetched else None,
+            "prefetch_wasted_per_token": self.prefetch_wasted / t,
         }
 
 
@@ -124,7 +134,17 @@ class FlashFFN(nn.Module):
         self.down_bias = down_bias
         self.stats, self.profile = stats, profile
         self._last = None  # the latest output, built on this layer's rows
+        # lookahead prefetch (flash.prefetch), set by attach_flash: the next layer's predictor on this
+        # layer's input, its threshold, the next layer's FlashFFN, the shared Prefetcher
+        self.lookahead, self.look_tau, self.next, self.prefetcher = None, 0.0, None, None
         self.freeze()
+
+    def prefetch(self, neurons: np.ndarray):
+        """Layer l-1's lookahead predicted these of this layer's neurons: read the bundles of those
+        not in the window in the background."""
+        absent = neurons[self.cache.neuron_to_slot[neurons] < 0]
+        n = self.prefetcher.start(self.layer, absent)
+        self.stats.prefetched += n
 
     def groups(self, pred: np.ndarray):
         """Cut N tokens into runs whose predicted union fits the buffer (a prompt); N == 1 is one run."""
@@ -146,9 +166,17 @@ class FlashFFN(nn.Module):
         if self.profile:
             mx.eval(xs)
         t1 = time.perf_counter()
-        scores = to_host(self.predictor(xs).astype(mx.float32))  # (N, d_ff): the layer's one host sync
+        ahead = decode and self.lookahead is not None
+        scores = self.predictor(xs)
+        if ahead:  # the next layer's neurons, predicted from this input, in the same sync
+            scores = mx.concatenate([scores, self.lookahead(xs)], axis=-1)
+        scores = to_host(scores.astype(mx.float32))  # (N, d_ff [+ next d_ff]): the layer's one host sync
+        if ahead:
+            self.next.prefetch(np.flatnonzero(scores[0, self.spec.d_ff :] > self.look_tau))
+            scores = scores[:, : self.spec.d_ff]
         pred = scores > self.tau
         t2 = time.perf_counter()
+        fetched = self.prefetcher.take(self.layer) if self.prefetcher is not None else None
         if self._last is not None:
             mx.eval(self._last)  # normally done already (the next layer's sync); rows move below
         if decode:
@@ -172,7 +200,8 @@ class FlashFFN(nn.Module):
                 active = active[np.argsort(-scores[a:b, active].max(axis=0), kind="stable")]
             moved0, shrinks0, trunc0 = self.cache.stats.bytes_moved, self.cache.stats.window_shrinks, \
                 self.cache.stats.truncations
-            step = load_active(self.cache, self.reader, self.layer, self.staging, active)
+            step = load_active(self.cache, self.reader, self.layer, self.staging, active,
+                               fetched[:2] if fetched is not None and decode else None)
             t5 = time.perf_counter()
             n = step.n
             if n:
@@ -187,6 +216,16 @@ class FlashFFN(nn.Module):
             if decode:
                 s.memory_s += step.memory_s
                 s.io_s += step.io_s
+                s.io_exposed_s += step.io_s
+                s.needed += step.new - step.filled
+                if fetched is not None:  # read in the background: its time counts as I/O, its wait as exposed
+                    neurons, _, read, waited = fetched
+                    s.io_s += read.seconds
+                    s.io_exposed_s += waited
+                    s.add_read(read, 0, decode)
+                    s.prefetch_hits += step.hits
+                    s.prefetch_wasted += len(neurons) - step.hits
+                    fetched = None
                 s.ffn_s += t6 - t5 if self.profile else 0.0
                 s.resident += n
                 s.bytes_moved += self.cache.stats.bytes_moved - moved0

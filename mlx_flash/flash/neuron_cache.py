@@ -356,38 +356,47 @@ class Loaded:
     """One window step of one layer: what it cost and what it read."""
 
     n: int  # rows [0, n) hold the window's neurons
-    new: int  # bundles read (fillers included)
+    new: int  # neurons new to the window (fillers included)
     filled: int  # of those, read only because coalescing joined two runs
-    read: ReadStats  # the reads, summed over the staging rounds
-    memory_s: float  # window bookkeeping, row moves, copies from the staging area, commit
-    io_s: float  # the reads
+    read: ReadStats  # the reads made now, summed over the staging rounds
+    memory_s: float  # window bookkeeping, row moves, copies from the staging areas, commit
+    io_s: float  # the reads made now
+    hits: int = 0  # new neurons whose bundles were prefetched (flash.prefetch)
 
 
-def load_active(cache: NeuronCache, reader, layer: int, staging: BundleBuffer, active: np.ndarray) -> Loaded:
+def load_active(cache: NeuronCache, reader, layer: int, staging: BundleBuffer, active: np.ndarray,
+                prefetched: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Loaded:
     """The window protocol: slide the window to this token's active neurons, read the new bundles
     (in rounds of the staging area's rows) and copy them into their rows, commit; nothing
-    half-read enters the cache."""
+    half-read enters the cache. prefetched: (sorted neurons, their bundles) read ahead, used
+    for the new neurons among them instead of reading those."""
     filled0 = cache.stats.filled
-    read, io = ReadStats(direct=reader.direct), 0.0
+    read, io, hits = ReadStats(direct=reader.direct), 0.0, 0
     t0 = time.perf_counter()
     new, rows = cache.step(active)
     buf = cache.buffer
+    if prefetched is not None and len(prefetched[0]) and len(new):
+        ahead, bundles = prefetched
+        pos = np.minimum(np.searchsorted(ahead, new), len(ahead) - 1)
+        hit = ahead[pos] == new
+        hits = int(np.count_nonzero(hit))
+        buf.fill(rows[hit], bundles[pos[hit]])
+        new, rows = new[~hit], rows[~hit]
     try:
         for k in range(0, len(new), staging.slots):
             part, where = new[k : k + staging.slots], rows[k : k + staging.slots]
             t1 = time.perf_counter()
             if buf.segments is not None:  # aligned fields land in their rows: nothing to copy but the rest
                 scratch = staging.np.reshape(-1)[: len(part) * buf.scratch_bytes].reshape(len(part), -1)
-                reader.read_into(layer, part, where, buf, scratch)
+                read.add(reader.read_into(layer, part, where, buf, scratch))
                 io += time.perf_counter() - t1
             else:
-                reader.read(layer, part, staging)
+                read.add(reader.read(layer, part, staging))
                 io += time.perf_counter() - t1
                 buf.fill(where, staging.np[: len(part)])
-            read.add(reader.last)
     except BaseException:
         cache.abort()
         raise
     cache.commit()
     total = time.perf_counter() - t0
-    return Loaded(cache.n, len(new), cache.stats.filled - filled0, read, total - io, io)
+    return Loaded(cache.n, len(new) + hits, cache.stats.filled - filled0, read, total - io, io, hits)

@@ -9,7 +9,7 @@ the predictor reaches a target recall: it over-predicts rather than miss.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -131,23 +131,31 @@ def window_union_p99(predictor, x: np.ndarray, taus: List[float], window: int, s
     return [int(np.percentile(np.concatenate(v), 99)) for v in sizes]
 
 
-def save_predictors(predictors: List[LowRankPredictor]) -> Dict[str, mx.array]:
-    """Flat float16 tensors for predictors.safetensors."""
+LOOKAHEAD = "lookahead."  # key prefix of the lookahead predictors: layer l's, reading layer l-1's input
+
+
+def save_predictors(predictors: List[Optional[LowRankPredictor]], prefix: str = "") -> Dict[str, mx.array]:
+    """Flat float16 tensors for predictors.safetensors (None: no predictor for that layer)."""
     out = {}
     for l, p in enumerate(predictors):
-        out[f"{l}.down.weight"] = p.down.weight.astype(mx.float16)
-        out[f"{l}.up.weight"] = p.up.weight.astype(mx.float16)
-        out[f"{l}.up.bias"] = p.up.bias.astype(mx.float16)
+        if p is not None:
+            out[f"{prefix}{l}.down.weight"] = p.down.weight.astype(mx.float16)
+            out[f"{prefix}{l}.up.weight"] = p.up.weight.astype(mx.float16)
+            out[f"{prefix}{l}.up.bias"] = p.up.bias.astype(mx.float16)
     return out
 
 
-def load_predictors(weights: Dict[str, mx.array], n_layers: int) -> List[LowRankPredictor]:
+def load_predictors(weights: Dict[str, mx.array], n_layers: int, prefix: str = "") -> List[Optional[LowRankPredictor]]:
     out = []
     for l in range(n_layers):
-        rank, d_model = weights[f"{l}.down.weight"].shape
-        d_ff = weights[f"{l}.up.weight"].shape[0]
+        head = f"{prefix}{l}."
+        if head + "down.weight" not in weights:
+            out.append(None)
+            continue
+        rank, d_model = weights[head + "down.weight"].shape
+        d_ff = weights[head + "up.weight"].shape[0]
         p = LowRankPredictor(d_model, d_ff, rank)
-        p.load_weights([(k.split(".", 1)[1], v) for k, v in weights.items() if k.startswith(f"{l}.")])
+        p.load_weights([(k[len(head):], v) for k, v in weights.items() if k.startswith(head)])
         p.freeze()
         out.append(p)
     return out
