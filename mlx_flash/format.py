@@ -5,6 +5,7 @@
     layer l starts at  layers[l]["offset"]            (a multiple of PAGE)
     neuron i of l  at  layers[l]["offset"] + i * stride
     one bundle      =  [gate row i | up row i | down column i | biases i | pad | crc32]
+                       (quantized: the weight rows first, then their scales and biases)
 
 Each field of a bundle is described in `bundle.fields` (name, byte offset, shape,
 dtype), so a reader needs no architecture knowledge. A quantized field is three
@@ -12,7 +13,8 @@ entries (`<name>.weight` uint32, `<name>.scales`, `<name>.biases`), one row of a
 MLX quantized matrix. The last 4 bytes of every bundle hold the CRC-32 of the
 bytes before the padding, so a corrupted bundle is caught by the read that fetches it.
 The stride is a multiple of `alignment` so that every bundle can be read with
-O_DIRECT straight into a row of an aligned buffer.
+O_DIRECT into a row of an aligned buffer, and fields whose offset and size are
+multiples of it straight into the rows of the window's packed arrays.
 """
 
 import json

@@ -76,7 +76,8 @@ class BundleBuffer:
         return self.fields(n)[name]
 
     def fields(self, n: Optional[int] = None) -> Dict:
-        """Typed MLX views of every bundle field over rows [0, n): no copy (format.field_arrays)."""
+        """Typed MLX views of every bundle field over rows [0, n) (format.field_arrays): strided, so
+        MLX copies them when it computes on them."""
         return field_arrays(self.mx if n is None else self.mx[:n], self.layout)
 
 

@@ -3,10 +3,11 @@
 Per token (paper Sections 3.1-3.3):
   1. the low-rank predictor scores every neuron from the FFN input (the layer's one
      host sync in decode: its scores decide the reads);
-  2. the layer's NeuronCache slides its window: neurons that left it are deleted
-     by moving the last rows into their slots, new ones get rows [n, n + m);
-  3. the BundleReader reads only those new bundles into the staging area, and their
-     fields are copied into rows [n, n + m) of the layer's NeuronBuffer;
+  2. the layer's NeuronCache slides its window: new neurons take the rows of those that
+     left, then rows past the end (the last rows move into holes only when fewer arrive);
+  3. the BundleReader reads only those new bundles: straight into their rows of the
+     layer's NeuronBuffer where the layout allows, else into the staging area, from which
+     their fields are copied (what the layer before read ahead is copied from its area);
   4. the FFN computes on rows [0, n) of the packed field arrays: no gather, no copy,
      no reallocation. MLX evaluates it lazily, at the next layer's sync.
 Computing on every neuron in the window (not only this token's predicted ones)
