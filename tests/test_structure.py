@@ -22,7 +22,7 @@ LAYERS = [
     {"mlx_flash.sources", "mlx_flash.gguf"},
     {"mlx_flash.flash", "mlx_flash.flash.sparsity", "mlx_flash.flash.predictor", "mlx_flash.flash.neuron_cache",
      "mlx_flash.flash.bundle_reader", "mlx_flash.flash.budget", "mlx_flash.flash.ffn", "mlx_flash.flash.attach",
-     "mlx_flash.flash.prefetch"},
+     "mlx_flash.flash.prefetch", "mlx_flash.flash.outliers"},
     {"mlx_flash.load"},
     {"mlx_flash.baselines"},
     {"mlx_flash.convert", "mlx_flash.train_predictors", "mlx_flash.calibrate", "mlx_flash.evaluate",

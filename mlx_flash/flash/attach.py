@@ -13,6 +13,7 @@ from .budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, 
 from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
 from .neuron_cache import NeuronBuffer, NeuronCache
+from .outliers import PinnedNeurons
 from .predictor import load_predictors
 from .prefetch import Prefetcher
 
@@ -119,6 +120,8 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, buffer=buf, coalesce_gap=coalesce_gap)
         layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader, staging,
                              down_bias[l], stats, profile)
+        if pl.pinned[l]:
+            layer.mlp.pinned = PinnedNeurons(l, pl.pinned[l], cfg, reader, staging, scratch)
         ffns.append(layer.mlp)
     if prefetch:
         prefetcher = Prefetcher(reader, cfg.layout, pl.staging_rows)

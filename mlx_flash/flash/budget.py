@@ -50,15 +50,18 @@ class Plan:
     working: int
     staging: int  # the reads' staging area (whole bundles), shared by the layers; with prefetch, three
     buffers: int  # the neuron windows: packed fields of `slots` neurons per layer
+    pinned_bytes: int  # the outlier neurons kept resident outside the windows (flash.outliers)
     slots: List[int]
     window: int
     staging_rows: int
     max_kv_size: int  # tokens of context reserved
     prefill_step: int  # prompt tokens per forward pass
+    pinned: List[List[int]]  # per layer, its pinned neurons
 
     @property
     def total(self) -> int:
-        return self.resident + self.predictors + self.kv_cache + self.working + self.staging + self.buffers
+        return (self.resident + self.predictors + self.kv_cache + self.working + self.staging + self.buffers
+                + self.pinned_bytes)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -123,6 +126,8 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     kv = kv_bytes(cfg, max_kv_size, item)
     row = cfg.layout.field_bytes
     staging = staging_rows(cfg) * cfg.layout.stride * (3 if prefetch else 1)  # prefetch: two more areas
+    pinned = cfg.predictors.get("pinned") or [[] for _ in range(cfg.n_layers)]
+    pinned_bytes = sum(map(len, pinned)) * row
 
     if slots is not None:
         wanted = [min(cfg.d_ff, slots)] * cfg.n_layers
@@ -133,7 +138,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
         wanted = [min(cfg.d_ff, int(math.ceil(SLOT_MARGIN * b)) + 8) for b in base]
     # a token's own predicted set must fit, or the window degenerates into truncation
     floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.2)) + 8) for w, share in zip(wanted, p["predicted_share"])]
-    fixed = resident_bytes + predictor_bytes + kv + working + staging
+    fixed = resident_bytes + predictor_bytes + kv + working + staging + pinned_bytes
     if budget_bytes is not None:
         room = budget_bytes - fixed
         need = sum(floor) * row
@@ -142,7 +147,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
                 f"weights {resident_bytes / 1e6:.1f} MB + predictors {predictor_bytes / 1e6:.1f} MB + KV cache "
                 f"({max_kv_size} tokens) {kv / 1e6:.1f} MB + working {working / 1e6:.1f} MB + read staging "
-                f"{staging / 1e6:.1f} MB, plus at least "
+                f"{staging / 1e6:.1f} MB + pinned neurons {pinned_bytes / 1e6:.2f} MB, plus at least "
                 f"{need / 1e6:.1f} MB of neuron windows, need {(fixed + need) / 1e6:.1f} MB "
                 f"({(fixed + need) / total:.0%} of the model's {total / 1e6:.1f} MB)"
             )
@@ -151,8 +156,8 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
         scale = min(1.0, (room - need) / extra) if extra else 1.0
         wanted = [f + int((w - f) * scale) for w, f in zip(wanted, floor)]
     buffers = sum(wanted) * row
-    return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, wanted, window,
-                staging_rows(cfg), max_kv_size, chunk)
+    return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, pinned_bytes,
+                wanted, window, staging_rows(cfg), max_kv_size, chunk, pinned)
 
 
 # MARK: - preparing a model within a budget (convert, calibration)
@@ -189,9 +194,10 @@ def calibration_token_bytes(cfg: FlashConfig, seq_len: int) -> int:
     """What calibration holds per calibration token while it works on one layer: the hidden states,
     the attention's intermediates and scores over the token's sequence, this and the previous layer's
     FFN inputs in float16, and per neuron |h| in float16, its active mask, the threshold's float32
-    copies (or the float32 targets of predictor training, and their mirror in MLX)."""
+    copies (or the float32 targets of predictor training, and their mirror in MLX), and the float32
+    contributions |h| * ||down|| with the loss weights made from them (numpy and MLX)."""
     heads = cfg.model_config.get("num_attention_heads", 1)
-    return cfg.d_model * (8 * 4 + 2 * 2) + heads * seq_len * 4 * 3 + cfg.d_ff * 16
+    return cfg.d_model * (8 * 4 + 2 * 2) + heads * seq_len * 4 * 3 + cfg.d_ff * 32
 
 
 def calibration_parts(cfg: FlashConfig, resident: int, ranks: List[int], tokens: int, seq_len: int) -> dict:

@@ -138,11 +138,14 @@ class FlashFFN(nn.Module):
         # lookahead prefetch (flash.prefetch), set by attach_flash: the next layer's predictor on this
         # layer's input, its threshold, the next layer's FlashFFN, the shared Prefetcher
         self.lookahead, self.look_tau, self.next, self.prefetcher = None, 0.0, None, None
+        self.pinned = None  # flash.outliers.PinnedNeurons, set by attach_flash: computed every token
         self.freeze()
 
     def prefetch(self, neurons: np.ndarray):
         """Layer l-1's lookahead predicted these of this layer's neurons: read the bundles of those
         not in the window in the background."""
+        if self.pinned is not None:
+            neurons = np.setdiff1d(neurons, self.pinned.neurons, assume_unique=True)
         absent = neurons[self.cache.neuron_to_slot[neurons] < 0]
         n = self.prefetcher.start(self.layer, absent)
         self.stats.prefetched += n
@@ -176,6 +179,8 @@ class FlashFFN(nn.Module):
             self.next.prefetch(np.flatnonzero(scores[0, self.spec.d_ff :] > self.look_tau))
             scores = scores[:, : self.spec.d_ff]
         pred = scores > self.tau
+        if self.pinned is not None:  # always computed: not the window's to hold
+            pred[:, self.pinned.neurons] = False
         t2 = time.perf_counter()
         fetched = self.prefetcher.take(self.layer) if self.prefetcher is not None else None
         if self._last is not None:
@@ -209,6 +214,8 @@ class FlashFFN(nn.Module):
                 y = bundle_ffn(xs[a:b], self.spec, self.buffer.fields(n), self.down_bias, self.quant)
             else:  # nothing predicted: MLX's quantized kernels cannot take zero rows
                 y = mx.zeros_like(xs[a:b]) + (self.down_bias if self.down_bias is not None else 0)
+            if self.pinned is not None:
+                y = y + self.pinned(xs[a:b], self.spec, self.quant)
             if self.profile:
                 mx.eval(y)
             t6 = time.perf_counter()

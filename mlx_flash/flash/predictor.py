@@ -5,6 +5,13 @@ layers), reading the FFN input x and scoring each neuron; neurons with
 z > tau_l are loaded. Trained with a weighted binary cross-entropy that
 balances the rare positives, then tau_l is set on held-out tokens so that
 the predictor reaches a target recall: it over-predicts rather than miss.
+
+What a miss costs differs by neuron: neuron j's contribution to the FFN output at
+token t is c_tj = |h_tj| * ||down_j||. With weight="contribution" each positive's
+loss is weighted by its contribution (relative to the mean positive's), so the
+predictor spends its rank on the neurons whose miss costs most; every report
+gives both the count recall and the contribution recall (the share of the
+FFN output's energy, sum of c_tj^2, that the predicted neurons carry).
 """
 
 import math
@@ -45,13 +52,17 @@ class LayerReport:
     predicted_share: float  # predicted neurons per token / d_ff
     true_share: float  # active neurons per token / d_ff
     tau: float  # score threshold
+    contribution_recall: float = 1.0  # share of the active neurons' energy (sum of c^2) predicted or pinned
     union_p99: int = 0  # neurons held by a window at this threshold (99th percentile), set by the caller
 
 
 def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = TRAIN_BATCH, lr: float = 2e-3,
-                target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0):
+                target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0, contribution=None,
+                weight: str = "count", covered=None):
     """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
 
+    contribution: (N, d_ff) c_tj, for weight="contribution" and the contribution recall;
+    covered: (N,) energy the predictor need not find (pinned neurons'), for the contribution recall.
     Returns (predictor, {recall: LayerReport}) measured on the last `val_share` of the tokens,
     one report per recall level: the threshold tau that reaches it and what it costs.
     """
@@ -62,15 +73,24 @@ def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch:
     p = float(y.mean())
     # positives are rare in ReLU models (3% in OPT): weight them up, but keep the loss sane
     pos_weight = float(np.clip((1 - p) / max(p, 1e-4), 1.0, 30.0)) ** 0.5
+    if weight == "contribution" and contribution is not None and y.any():
+        c = contribution[: n - n_val].astype(np.float32)
+        # a positive weighs what its miss costs, relative to the mean positive's (clipped: no neuron rules)
+        w = np.clip(c / max(float(c[y[: n - n_val]].mean()), 1e-12), 0.05, 20.0)
+        wt = mx.array(pos_weight * w)  # (N, d_ff)
+    elif weight in ("count", "contribution"):
+        wt = None
+    else:
+        raise ValueError(f"unknown weight {weight!r}")
 
     mx.random.seed(seed)
     model = LowRankPredictor(x.shape[1], y.shape[1], rank)
     model.up.bias = mx.full(model.up.bias.shape, math.log(max(p, 1e-4) / max(1 - p, 1e-4)))
     opt = optim.AdamW(learning_rate=lr, weight_decay=1e-4)
 
-    def loss_fn(m, xb, yb):
+    def loss_fn(m, xb, yb, wb):
         z = m(xb)
-        return mx.mean(pos_weight * yb * nn.softplus(-z) + (1 - yb) * nn.softplus(z))
+        return mx.mean(wb * yb * nn.softplus(-z) + (1 - yb) * nn.softplus(z))
 
     step = nn.value_and_grad(model, loss_fn)
     rng = np.random.default_rng(seed)
@@ -78,13 +98,15 @@ def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch:
         perm = mx.array(rng.permutation(len(xt)))
         for i in range(0, len(xt), batch):
             idx = perm[i : i + batch]
-            loss, grads = step(model, xt[idx], yt[idx])
+            loss, grads = step(model, xt[idx], yt[idx], pos_weight if wt is None else wt[idx])
             opt.update(model, grads)
             mx.eval(model.parameters(), opt.state)
 
     z = np.array(model(mx.array(xv)).astype(mx.float32))  # (n_val, d_ff)
+    cv = None if contribution is None else contribution[n - n_val :].astype(np.float32)
+    kv = None if covered is None else covered[n - n_val :]
     levels = sorted(set(RECALL_LEVELS) | {target_recall})
-    return model, {r: report(z, yv, recall_threshold(z, yv, r)) for r in levels}
+    return model, {r: report(z, yv, recall_threshold(z, yv, r), cv, kv) for r in levels}
 
 
 def recall_threshold(z: np.ndarray, y: np.ndarray, target_recall: float) -> float:
@@ -93,15 +115,22 @@ def recall_threshold(z: np.ndarray, y: np.ndarray, target_recall: float) -> floa
     return float(np.quantile(pos, 1 - target_recall)) if pos.size else 0.0
 
 
-def report(z: np.ndarray, y: np.ndarray, tau: float) -> LayerReport:
+def report(z: np.ndarray, y: np.ndarray, tau: float, contribution=None, covered=None) -> LayerReport:
     pred = z > tau
-    tp = np.logical_and(pred, y).sum()
+    hit = np.logical_and(pred, y)
+    tp = hit.sum()
+    energy = 1.0
+    if contribution is not None:
+        c2 = np.square(contribution)
+        extra = float(covered.sum()) if covered is not None else 0.0
+        energy = (float(c2[hit].sum()) + extra) / max(float(c2[y].sum()) + extra, 1e-30)
     return LayerReport(
         recall=float(tp / max(y.sum(), 1)),
         precision=float(tp / max(pred.sum(), 1)),
         predicted_share=float(pred.mean()),
         true_share=float(y.mean()),
         tau=float(tau),
+        contribution_recall=energy,
     )
 
 

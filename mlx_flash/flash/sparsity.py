@@ -55,6 +55,56 @@ def encode_long(tokenizer, text: str, piece: int = 4000) -> list:
     return ids
 
 
+def paragraph_offsets(text: str, min_chars: int = 40) -> List[int]:
+    """Character offsets of the text's paragraphs (blank-line separated) of at least `min_chars`."""
+    out, pos = [], 0
+    for para in text.split("\n\n"):
+        body = para.strip()
+        if len(body) >= min_chars:
+            out.append(pos + para.index(body))
+        pos += len(para) + 2
+    return out
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_ids(tokenizer, user: str, answer: str = "") -> List[int]:
+    """A chat as the server sends it to the model (user turn, generation prompt), then `answer`."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                           tokenize=False)
+    return tokenizer.encode(prompt + answer, add_special_tokens=False)
+
+
+def start_sequences(tokenizer, text: str, n_seq: int, seq_len: int) -> np.ndarray:
+    """(n_seq, seq_len) token ids, each beginning the way a prompt does, so that the first token has
+    no history, as in generation (massive activations fire there: README, "Quality"): at paragraph
+    starts spread evenly over the text, every other one as a chat (user turn: the paragraph; answer:
+    the text after it) when the tokenizer has a chat template."""
+    starts = paragraph_offsets(text) + [len(text)]
+    chat = has_chat_template(tokenizer)
+
+    def sequence(i: int, k: int) -> List[int]:
+        a, b = starts[k], starts[k + 1]
+        if chat and i % 2:
+            return chat_ids(tokenizer, text[a:b].strip()[:300], text[b : b + 8 * seq_len].lstrip())
+        return tokenizer.encode(text[a : a + 8 * seq_len])
+
+    out = []
+    for i, k in enumerate(np.linspace(0, max(0, len(starts) - 2), n_seq).astype(int)):
+        # near the text's end, the paragraphs before: this one is followed by fewer than seq_len tokens
+        tries = (sequence(i, j) for j in [*range(k, len(starts) - 1), *range(k - 1, -1, -1)])
+        ids = next((ids for ids in tries if len(ids) >= seq_len), None)
+        if ids is None:
+            break
+        out.append(ids[:seq_len])
+    if len(out) < n_seq:
+        raise FlashError(f"the text has {len(out)} paragraph starts followed by {seq_len} tokens, fewer than "
+                         f"{n_seq}: give a longer text or fewer --tokens")
+    return np.array(out, dtype=np.int32)
+
+
 def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int) -> np.ndarray:
     """(n_seq, seq_len) token ids: consecutive windows of the text."""
     ids = np.array(encode_long(tokenizer, text), dtype=np.int32)
@@ -79,6 +129,7 @@ class LayerActivations:
     seq_len: int  # tokens are N // seq_len consecutive windows: token i sits at position i % seq_len
     prev_x: Optional[np.ndarray]  # (N, d_model) float16: the previous layer's FFN inputs (None at layer 0)
     ffn: nn.Module  # this layer's FFN provider (activations, down)
+    y_norm: np.ndarray  # (N,) float32: the norm of the FFN's output per token (what a miss is measured against)
 
 
 class _Recorder(nn.Module):
@@ -97,14 +148,17 @@ class _Recorder(nn.Module):
         flat = x.reshape(-1, D)  # (N, d_model)
         xs = np.array(flat.astype(mx.float16))
         hs = np.empty((len(xs), ffn.spec.d_ff), dtype=np.float16)
+        norms = np.empty(len(xs), dtype=np.float32)
         ys = []
         for i in range(0, len(xs), run.chunk):  # (chunk, d_ff) activations at a time, not (N, d_ff)
             h = ffn.activations(flat[i : i + run.chunk])
-            y = ffn.down(h) if not run.last(l) else None
-            mx.eval(h, y)
+            y = ffn.down(h)
+            norm = mx.linalg.norm(y.astype(mx.float32), axis=-1)
+            mx.eval(h, y, norm)
             hs[i : i + len(h)] = np.array(mx.abs(h).astype(mx.float16))
-            ys.append(y)
-        run.on_layer(LayerActivations(l, xs, hs, L, run.prev_x, ffn))
+            norms[i : i + len(h)] = np.array(norm)
+            ys.append(y if not run.last(l) else None)
+        run.on_layer(LayerActivations(l, xs, hs, L, run.prev_x, ffn, norms))
         run.prev_x = xs
         run.done += 1
         if run.last(l):
@@ -160,3 +214,14 @@ def threshold(h: np.ndarray, activation: str, sparsity: float) -> float:
 def active_mask(h: np.ndarray, t: float) -> np.ndarray:
     """(N, d_ff) bool: a layer's true active sets."""
     return h.astype(np.float32) > t
+
+
+def down_norms(ffn, d_ff: int, chunk: int = 1024) -> np.ndarray:
+    """(d_ff,) float32: ||down_j||, the norm of what neuron j adds to the FFN output per unit of |h_j|
+    (any FFN provider: its down projection applied to unit vectors, its bias taken off)."""
+    zero = ffn.down(mx.zeros((1, d_ff)))
+    out = np.empty(d_ff, dtype=np.float32)
+    for i in range(0, d_ff, chunk):
+        eye = mx.eye(min(chunk, d_ff - i), d_ff, k=i)  # (rows, d_ff): unit vectors e_i .. e_{i+rows}
+        out[i : i + len(eye)] = np.array(mx.linalg.norm((ffn.down(eye) - zero).astype(mx.float32), axis=-1))
+    return out
