@@ -21,7 +21,7 @@ from .sources import DEFAULT_MODEL
 # The built-in model's embedding and attention are ~45% of it and its SwiGLU FFN is barely sparse:
 # flash mode needs more memory than the model to stay within a few % of dense perplexity (README, Results).
 DEFAULT_BUDGET = "140%"
-DEFAULT_RECALL = None  # the calibrated one (0.95); windows that must shrink cost far more than lower recall
+DEFAULT_RECALL = None  # the calibrated one (0.98); windows that must shrink cost far more than lower recall
 DEFAULT_CONTEXT = 256  # tokens: the demo's prompt and 24 new ones, with room to spare
 
 

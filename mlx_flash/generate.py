@@ -141,7 +141,7 @@ def add_model_arguments(p):
     p.add_argument("--window", type=int, default=None, help="flash mode: tokens in the neuron window")
     p.add_argument("--threads", type=int, default=None, help="flash mode: parallel reads")
     p.add_argument("--recall", type=float, default=None,
-                   help="flash mode: predictor recall level to run at (one of those calibrated; default 0.95)")
+                   help="flash mode: predictor recall level to run at (one of those calibrated; default: the calibrated target, 0.98)")
     p.add_argument("--max-kv-size", type=int, default=None,
                    help=f"flash mode: tokens of context (prompt + generated) the budget reserves KV cache for; "
                         f"longer requests are refused (default {DEFAULT_MAX_KV_SIZE})")

@@ -37,7 +37,8 @@ def prepare(model: str = DEFAULT_MODEL, folder=None, announce=say) -> Path:
         if not is_flash_folder(folder):
             announce(f"converting {model} into the flash layout at {folder} (once)")
             convert(model, folder)
-        if FlashConfig.load(folder).predictors is None:
+        predictors = FlashConfig.load(folder).predictors
+        if predictors is None or "pinned" not in predictors:  # none yet, or from before outliers were pinned
             announce(f"calibrating sparsity and training the activation predictors of {folder} (once; "
                      f"minutes on a CPU)")
             train(folder, tokens=CALIBRATION_TOKENS)

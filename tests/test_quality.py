@@ -144,10 +144,10 @@ def test_builtin_pins_the_massive_activations(smol_calibrated):
 def test_builtin_flash_reproduces_dense_greedy_from_the_prompt_start(smol_calibrated):
     dense, tok = load(str(smol_calibrated), mode="dense")
     flash, _ = load(str(smol_calibrated), mode="flash")
-    m = greedy_match(greedy(dense, tok, 16), greedy(flash, tok, 16))
-    # strictness from measurement (README, "Quality"): see the assertion message for where they part
-    assert m["identical"] >= 5, m["per_prompt"]
-    assert all(p["first_difference"] is None or p["first_difference"] >= 4 for p in m["per_prompt"]), m["per_prompt"]
+    m = greedy_match(greedy(dense, tok, 24), greedy(flash, tok, 24))
+    # measured at the defaults (README, "Quality"): all six prompts identical for 32 tokens; before the
+    # outliers were pinned, "In 1905, Albert Einstein published" parted at the first token
+    assert m["identical"] == len(m["per_prompt"]), m["per_prompt"]
 
 
 def test_oracle_predictor_evaluates_what_sparsity_alone_costs(trained_flash):

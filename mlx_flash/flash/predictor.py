@@ -57,7 +57,7 @@ class LayerReport:
 
 
 def train_layer(x: np.ndarray, y: np.ndarray, rank: int, epochs: int = 8, batch: int = TRAIN_BATCH, lr: float = 2e-3,
-                target_recall: float = 0.95, val_share: float = 0.1, seed: int = 0, contribution=None,
+                target_recall: float = 0.98, val_share: float = 0.1, seed: int = 0, contribution=None,
                 weight: str = "count", covered=None):
     """Train one predictor on (N, d_model) inputs and (N, d_ff) bool targets.
 
