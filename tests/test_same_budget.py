@@ -27,7 +27,7 @@ def run(direct_root, tmp_path_factory):  # noqa: F811
 
 
 def test_every_row_with_its_fields(run):
-    res, saved, cfg = run
+    _, saved, cfg = run
     assert saved["synthetic"] and cfg.source["synthetic"] == "tiny-ffn" and cfg.quantization["bits"] == 4
     assert set(saved["summary"]) == {f"{r}@200%" for r in same_budget.ROWS}
     for k, a in saved["summary"].items():

@@ -40,7 +40,6 @@ Figures per decode token are medians over --repeats interleaved runs of --tokens
 """
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
@@ -56,7 +55,7 @@ from ..errors import FlashError
 from ..format import BUNDLES_FILE, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up
 from ..system import direct_read_method, eviction_method
 from .scale import GEOMETRIES as SCALE_GEOMETRIES
-from .scale import ActivationProcess, Geometry, synthetic_rows
+from .scale import ActivationProcess, Geometry, write_bundles
 
 ROWS = ("naive", "hybrid", "all", "all+prefetch")
 DEFAULTS = {"tokens": 4, "settle": 5, "repeats": 2, "prompt": 4}
@@ -113,7 +112,6 @@ def write_model(folder: Path, g: Geometry, layers: int, bits: int, group: int, s
                 progress: bool = True) -> FlashConfig:
     """flash.json + resident.safetensors + ffn.bundles of a synthetic quantized OPT, written atomically
     (reused when the folder already holds this geometry)."""
-    from tqdm import tqdm
 
     folder = Path(folder)
     want = {"synthetic": g.name, "layers": layers, "bits": bits, "group_size": group, "seed": seed}
@@ -136,16 +134,9 @@ def write_model(folder: Path, g: Geometry, layers: int, bits: int, group: int, s
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    rng = np.random.default_rng(seed)
-    infos, off = [], 0
-    with open(tmp / BUNDLES_FILE, "wb") as f:
-        for _ in tqdm(range(layers), desc=f"writing synthetic {g.name} q{bits} FFN", unit="layer", disable=not progress):
-            rows = synthetic_rows(rng, g.d_ff, layout)  # random fp16 bit patterns: finite scales, any weights
-            f.write(memoryview(rows).cast("B"))
-            infos.append({"offset": off, "nbytes": rows.nbytes, "sha256": hashlib.sha256(rows).hexdigest()})
-            off = round_up(off + rows.nbytes, PAGE)
-            f.seek(off)
-        f.truncate(off)
+    # random fp16 bit patterns: finite scales and biases, any quantized weights
+    infos, off = write_bundles(tmp / BUNDLES_FILE, seed, layers, g.d_ff, layout,
+                               f"writing synthetic {g.name} q{bits} FFN", progress)
     config = model_config(g, layers, bits, group)
     mx.save_safetensors(str(tmp / RESIDENT_FILE), random_resident(config, bits, group, seed))
     cfg = FlashConfig(architecture="opt", model_config=config, d_model=g.d_model, d_ff=g.d_ff, n_layers=layers,
@@ -334,7 +325,7 @@ def summarize(res: dict, stride: int, slack: int = 0) -> Dict[str, dict]:
             out[k] = {"row": row, "budget": budget, "fits": False, "reason": a["reason"]}
             continue
         st = [r["stats"] for r in runs]
-        med = lambda name: float(np.median([x[name] for x in st])) if st[0].get(name) is not None else None
+        med = lambda name, st=st: float(np.median([x[name] for x in st])) if st[0].get(name) is not None else None
         flash = row.startswith("all")
         peak, cg = a["peak_bytes"], a.get("peak_cgroup_bytes")
         r = {"row": row, "budget": budget, "planned_bytes": a["plan"]["total"],
