@@ -97,4 +97,4 @@ def test_bad_input_is_one_line(direct_root, capsys):  # noqa: F811
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1
     with pytest.raises(FlashError):
-        same_budget.check_args(same_budget.setup_arg_parser().parse_args(["--same-budget", "tiny", "--tokens", "0"]))
+        same_budget.check_args(same_budget.setup_arg_parser().parse_args(["--same-budget", "tiny", "--tokens", "1"]))
