@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from flash_fixtures import direct_root  # noqa: F401  (fixture)
 from mlx_flash import bench
-from mlx_flash.bench import same_budget
+from mlx_flash.bench import same_budget, synthetic
 from mlx_flash.errors import FlashError
 from mlx_flash.format import FlashConfig
 
@@ -76,9 +76,9 @@ def test_prefetch_accounts_for_the_needed_bundles(run):
 
 
 def test_synthetic_predictor_names_the_process_set_at_a_real_cost():
-    g = same_budget.GEOMETRIES["tiny-ffn"]
-    sets = same_budget.ActiveSets(g.d_ff, 2, seed=0)
-    p = same_budget.SyntheticPredictor(0, sets, g.d_model, 16)
+    g = synthetic.GEOMETRIES["tiny-ffn"]
+    sets = synthetic.ActiveSets(g.d_ff, 2, seed=0)
+    p = synthetic.SyntheticPredictor(0, sets, g.d_model, 16)
     scores = np.array(p(mx.zeros((1, g.d_model))))
     assert scores.shape == (1, g.d_ff)
     assert np.array_equal(np.flatnonzero(scores[0] > 0), sets.sets[0]) and len(sets.sets) == 2
