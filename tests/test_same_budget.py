@@ -90,7 +90,8 @@ def test_bad_input_is_one_line(direct_root, capsys):  # noqa: F811
     for argv, msg in ((["--same-budget", "opt-99b"], "unknown geometry"),
                       (["--same-budget", "tiny-ffn", "--rows", "naive,bogus"], "unknown row bogus"),
                       (["--same-budget", "tiny-ffn", "--hit", "2"], "--hit"),
-                      (["--same-budget", "tiny-ffn", "--layers", "9"], "--layers")):
+                      (["--same-budget", "tiny-ffn", "--layers", "9"], "--layers"),
+                      (["--same-budget", "tiny-ffn", "--share", "half"], "--share 'half'")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv + ["--dir", str(direct_root / "bad"), "--quiet"])
         assert e.value.code != 0

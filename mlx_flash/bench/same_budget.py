@@ -2,7 +2,7 @@
 
     python -m mlx_flash.bench --same-budget opt-6.7b [--layers 16] [--share 0.5] [--bits 4] [--tokens 4]
         [--settle 5] [--repeats 2] [--hit 0.91] [--waste 0.14] [--rows naive,hybrid,all,all+prefetch]
-        [--cgroup] [--json out.json] [--dir models/synthetic-e2e-opt-6.7b-q4-L16]
+        [--cgroup] [--attention runtime|in-out] [--json out.json] [--dir models/synthetic-e2e-opt-6.7b-q4-L16]
 
 What is synthetic, and only that: the weights (random) and the activation sets. Everything
 else is the product: the folder has the layout `convert` writes (flash.json, a quantized
@@ -23,9 +23,12 @@ KV cache, working memory, staging, windows); the baselines keep whole FFN layers
 while baselines.plan_baseline's total (the same resident part, one streamed layer's packed
 arrays, staging or the pages it maps and their readahead, KV cache, working memory) stays
 within it. `fits`: the plan is within the budget and so is the measured peak (MLX's peak plus,
-for naive, the largest page-cache footprint of ffn.bundles seen); with --cgroup every row runs
-in a child process inside a memory cgroup whose limit is the budget plus the child's baseline
-(bench.cgroup) and the kernel decides what stays cached.
+for naive, the largest page-cache footprint of ffn.bundles seen). With --cgroup each row and
+repetition runs in its own child process inside a memory cgroup whose limit is the budget plus
+the child's baseline (bench.cgroup) plus --cgroup-slack (64 MiB: Python objects, thread stacks,
+which no plan counts); the kernel decides what stays cached, and `fits` reads the cgroup's peak.
+--attention in-out stores the attention projections (in, out) for MLX CPU's faster
+transpose=False kernel: NOT the runtime's layout, labelled so in the output.
 
 Predictors (`SyntheticPredictor`): per layer a rank-128 low-rank pair quantized to 8 bits, like
 trained ones in memory, computed on the real FFN input every token (its cost is real, its
@@ -35,8 +38,9 @@ figures), stepped once per forward pass. Lookahead (`SyntheticLookahead`, layer 
 layer l+1's neurons): the same cost, and it names each neuron layer l+1 will need that is not
 in its window with probability --hit, plus wrong ones, --waste of what it names (defaults:
 the lookahead predictors measured on the built-in model, hit 0.91-0.95, waste 0.07-0.14).
-The synthetic model and its predictors: mlx_flash.bench.synthetic. Figures per decode token are medians over --repeats interleaved runs of --tokens tokens, after
---settle untimed tokens in the flash rows (the prompt is one window step, so the windows fill).
+The synthetic model and its predictors: mlx_flash.bench.synthetic. Figures per decode token are
+medians over --repeats interleaved runs of --tokens tokens, after --settle untimed tokens in the
+flash rows (the prompt is one window step, so the windows fill).
 """
 
 import argparse
@@ -50,6 +54,7 @@ import numpy as np
 
 from ..errors import FlashError
 from ..format import FlashConfig
+from ..sizes import parse_budget, parse_size
 from ..system import direct_read_method, eviction_method
 from .scale import Geometry
 from .synthetic import (GEOMETRIES, PREDICTOR_RANK, ActiveSets, SyntheticLookahead, SyntheticPredictor,
@@ -107,7 +112,6 @@ def measure(args, folder: Path, cfg: FlashConfig, rows: List[str], cgroup: Optio
 
     from ..flash.budget import model_bytes
     from ..load import load_resident
-    from ..sizes import parse_budget
     from .cgroup import measure_baseline
     from .rows import Setup, run_all
 
@@ -273,7 +277,7 @@ def setup_arg_parser():
     p.add_argument("--threads", type=int, default=32, help="read threads (flash, hybrid)")
     p.add_argument("--dir", default=None, help="the synthetic model's folder (default models/synthetic-e2e-...)")
     p.add_argument("--cgroup", action="store_true", help="run the rows in a child process inside a memory cgroup")
-    p.add_argument("--cgroup-slack", type=int, default=64 << 20,
+    p.add_argument("--cgroup-slack", type=parse_size, default=64 << 20,
                    help="bytes over budget + baseline in the limit: Python objects (the windows' bookkeeping, the "
                         "activation process), thread stacks, malloc arenas, which no plan counts (default 64 MiB)")
     p.add_argument("--json", default=None, help="write the summary and every run to this file")
@@ -301,6 +305,11 @@ def check_args(args) -> List[str]:
                          "--threads at least 1, --settle at least 0")
     if not (0 <= args.hit <= 1 and 0 <= args.waste < 1):
         raise FlashError("--hit must be within [0, 1] and --waste within [0, 1)")
+    try:
+        if parse_budget(args.share, 1 << 40) <= 0:
+            raise FlashError("")
+    except FlashError:
+        raise FlashError(f"--share '{args.share}' is not a share of the model (0.6, 60%) or a size (1.2G)")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad or not rows:
