@@ -44,7 +44,8 @@ def test_table_printed(trained_flash, tmp_path, capsys):
     bench.main(["--model", str(trained_flash("opt_pre_ln")), "--quick", "--dram-budget", "min", "--rows",
                 "dense,windowing", "--no-probe", "--quiet"])
     text = capsys.readouterr().out
-    assert "| row | resident GB | MB read/token" in text and "| dense |" in text and "| + windowing |" in text
+    assert "| row | budget MB (what it covers) | resident GB | MB read/token" in text
+    assert "(everything) |" in text and "| dense |" in text and "| + windowing |" in text
     assert "DRAM budget min" in text
 
 

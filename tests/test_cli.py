@@ -39,7 +39,8 @@ def command_modules() -> list:
 def parsers() -> dict:
     """{command: parser} for every command, subcommands as 'module sub'."""
     out = {}
-    for name in command_modules() + ["mlx_flash.bench.scale"]:  # bench --scale hands over to scale's parser
+    # bench --scale and --same-budget hand over to their modules' parsers
+    for name in command_modules() + ["mlx_flash.bench.scale", "mlx_flash.bench.same_budget"]:
         p = importlib.import_module(name).setup_arg_parser()
         out[name] = p
         for a in p._actions:

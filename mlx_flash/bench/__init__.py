@@ -2,10 +2,12 @@
 
     python -m mlx_flash.bench --model models/smollm2-135m --dram-budget min   (rows against naive mmap)
     python -m mlx_flash.bench --scale opt-6.7b                                (synthetic, at real size)
+    python -m mlx_flash.bench --same-budget opt-6.7b --layers 16              (synthetic, end to end, one budget)
     python -m mlx_flash.probe disk|window --model models/smollm2-135m         (Figures 2b and 4)
 
 `rows` runs the rows, `report` summarizes and prints them, `cgroup` runs them under a
-memory limit, `scale` is the synthetic model at real size, `probe` and `windowing`
+memory limit, `scale` is the synthetic model at real size, `same_budget` every row end to end at
+one budget on a synthetic quantized model, `probe` and `windowing`
 are the disk probe and the windowing curve.
 """
 

@@ -4,6 +4,8 @@
         [--gen-tokens 256] [--repeats 3] [--rows dense,naive,hybrid,predictor,windowing,all]
         [--json out.json] [--plots DIR] [--quick] [--cgroup] [--sweep 0.35:0.8:0.05]
     python -m mlx_flash.bench --scale opt-6.7b [--layers 32] [--tokens 32] ...   (see mlx_flash.bench.scale)
+    python -m mlx_flash.bench --same-budget opt-6.7b [--layers 16] [--share 0.5] [--cgroup] ...
+        (Table 3 end to end, every row at the same budget, synthetic: see mlx_flash.bench.same_budget)
 
 The rows and how they are run: mlx_flash.bench.rows. --baseline-share is the weights
 naive and hybrid hold (default: the budget when it is a share of the model, else 0.5).
@@ -29,7 +31,7 @@ from ..flash.budget import model_bytes
 from ..prepare import model_for
 from ..sizes import parse_size
 from ..system import direct_read_method, eviction_method, rss_bytes
-from . import scale
+from . import same_budget, scale
 from .cgroup import cgroup_root, child_main, run_in_cgroup
 from .cli import add_common_arguments, write_outputs
 from .probe import SCRATCH_SIZE
@@ -78,6 +80,9 @@ def setup_arg_parser():
                                                       "256 MB, else a scratch file written once in the model folder)")
     p.add_argument("--scale", default=None, help="synthetic model at real size, e.g. opt-6.7b: its own flags, "
                                                  "see python -m mlx_flash.bench --scale opt-6.7b --help")
+    p.add_argument("--same-budget", default=None, help="naive, hybrid and flash end to end at one budget on a synthetic "
+                                                       "model, e.g. opt-6.7b: python -m mlx_flash.bench --same-budget "
+                                                       "opt-6.7b --help")
     p.add_argument("--cgroup-slack", type=parse_size, default=8 << 20,
                    help="--cgroup: added to the limit for the run's own thread stacks and Python objects (default 8M)")
     # internal: the cgroup child
@@ -102,6 +107,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--scale" or a.startswith("--scale=") for a in argv):
         return scale.run(argv)
+    if any(a == "--same-budget" or a.startswith("--same-budget=") for a in argv):
+        return same_budget.run(argv)
     args = setup_arg_parser().parse_args(argv)
     if args.quick:
         apply_quick(args, argv)

@@ -50,25 +50,27 @@ def make_cgroup() -> Path:
     return path
 
 
+def measure_baseline(cg: Path, threads: int) -> Dict[str, int]:
+    """The child's cgroup usage and RSS once its libraries are imported and its read threads have run,
+    before any weight: what the limit adds to the budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx_lm.models.cache  # noqa: F401  what the rows import lazily
+    import tqdm  # noqa: F401
+
+    with ThreadPoolExecutor(threads) as pool:  # the threads' libc and Python machinery, once
+        list(pool.map(time.sleep, [0.001] * threads))
+    gc.collect()
+    return {"cgroup": int((cg / "memory.usage_in_bytes").read_text()), "rss": rss_bytes()}
+
+
 def child_main(args, rows: List[str], candidates):
     """Inside the cgroup (joined by _CHILD before any import): the baseline after the libraries and
     the tokenizer, before any weight; then the rows, each under limit = budget + baseline."""
     cg = Path(args.cgroup_child)
     measured = {}
-
-    def measure():
-        from concurrent.futures import ThreadPoolExecutor
-
-        import mlx_lm.models.cache  # noqa: F401  what the rows import lazily
-        import tqdm  # noqa: F401
-
-        with ThreadPoolExecutor(args.threads) as pool:  # the threads' libc and Python machinery, once
-            list(pool.map(time.sleep, [0.001] * args.threads))
-        gc.collect()
-        measured["cgroup"] = int((cg / "memory.usage_in_bytes").read_text())
-        measured["rss"] = rss_bytes()
-
-    s = load_setup(args.model, args.prompt_tokens, args.gen_tokens, before_weights=measure, threads=args.threads,
+    s = load_setup(args.model, args.prompt_tokens, args.gen_tokens,
+                   before_weights=lambda: measured.update(measure_baseline(cg, args.threads)), threads=args.threads,
                    verify=args.verify, evict=False, window=args.window, recall=args.recall)
     s.cgroup, s.baseline, s.slack = cg, measured["cgroup"], args.cgroup_slack
     budgets, base = json.loads(args.child_budgets)
@@ -98,6 +100,12 @@ def run_in_cgroup(args, rows: List[str], budgets: Dict[str, int], base: Dict[str
     argv += ["--verify"] if args.verify else []
     argv += ["--window", str(args.window)] if args.window else []
     argv += ["--recall", str(args.recall)] if args.recall else []
+    return spawn(cg, out, argv, rows)
+
+
+def spawn(cg: Path, out: Path, argv: List[str], rows: List[str]) -> dict:
+    """Run `python -m mlx_flash.bench argv` as a child that joins cgroup `cg` first; it writes `out`.
+    The cgroup is removed afterwards."""
     try:
         print(f"running {', '.join(rows)} in a child process inside memory cgroup {cg} ...", file=sys.stderr)
         env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # no 64 MB malloc arena per read thread

@@ -134,7 +134,7 @@ def fmt(v, spec=".1f", none="-"):
 
 def table(summary: Dict[str, dict], budget_label: str) -> str:
     """The markdown table of one budget (the paper's Tables 2 and 3 side by side)."""
-    head = ["row", "resident GB", "MB read/token", "disk MB/token", "GB/s", "of probe", "I/O ms", "memory ms",
+    head = ["row", "budget MB (what it covers)", "resident GB", "MB read/token", "disk MB/token", "GB/s", "of probe", "I/O ms", "memory ms",
             "predict ms", "compute ms", "total ms/token", "tokens/s", "speedup", "peak MB", "agreement", "ppl"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for a in summary.values():
@@ -144,7 +144,9 @@ def table(summary: Dict[str, dict], budget_label: str) -> str:
             lines.append(f"| {a['label']} | does not fit: {a['reason']} |" + " |" * (len(head) - 2))
             continue
         compute = a["ms_attention"] + a["ms_ffn"] + a["ms_other"]
-        cells = [a["label"], fmt(a["resident_bytes"] / 1e9, ".3f"), fmt(a["bytes_read_per_token"] / 1e6, ".2f"),
+        covers = "none" if a["budget"] is None else f"{a['budget'] / 1e6:.1f} " + (
+            "(weights held; the rest planned apart)" if a["row"] in ("naive", "hybrid") else "(everything)")
+        cells = [a["label"], covers, fmt(a["resident_bytes"] / 1e9, ".3f"), fmt(a["bytes_read_per_token"] / 1e6, ".2f"),
                  fmt(None if a["disk_bytes_per_token"] is None else a["disk_bytes_per_token"] / 1e6, ".2f"),
                  fmt(a["read_gb_per_s"] or None, ".2f"), fmt(a.get("share_of_probe"), ".0%"),
                  fmt(a["ms_io"]), fmt(a["ms_memory"]), fmt(a["ms_predict"]), fmt(compute), fmt(a["ms_total"]),

@@ -116,11 +116,13 @@ class Setup:
     baseline: int = 0  # the child's cgroup usage before loading weights
     slack: int = 0  # added to the cgroup limit: the run's thread stacks and Python objects
     mlx_baseline: int = 0  # MLX memory held by others in this process before the model was loaded
+    flash_options: Optional[object] = None  # row -> extra attach_flash arguments (bench.same_budget: its predictors)
+    settle_tokens: int = 0  # flash rows: decode tokens run before measuring, while the windows fill
 
     @property
     def context(self) -> int:
         """The KV cache every row reserves: the whole sequence."""
-        return self.prompt_tokens + self.gen_tokens + 1
+        return self.prompt_tokens + self.settle_tokens + self.gen_tokens + 1
 
 
 def load_setup(folder, prompt_tokens: int, gen_tokens: int, before_weights=None, **opts) -> Setup:
@@ -204,8 +206,9 @@ def attach_row(s: Setup, row: str, budget: int, gap: int = 0) -> Row:
         return Row(a.stats, a.plan.to_dict(), a.plan.weights_in_memory, a.close, a.map_stats)
     if cfg.predictors is None:
         raise FlashError(f"{s.folder} has no predictors: run python -m mlx_flash.train_predictors --model {s.folder}")
+    extra = {"profile": True, **(s.flash_options(row) if s.flash_options else {})}
     attach_flash(s.model, s.folder, cfg, s.down_bias, dram_budget=budget, window=1 if row == "predictor" else s.window,
-                 threads=s.threads, verify=s.verify, max_kv_size=s.context, recall=s.recall, profile=True)
+                 threads=s.threads, verify=s.verify, max_kv_size=s.context, recall=s.recall, **extra)
     pl = s.model.flash_plan
     caches = []
     for layer in s.model.layers:
@@ -258,9 +261,15 @@ def run_once(s: Setup, row: str, budget: int, gap: int = 0, prompt_tokens=None, 
         for i in range(0, P, DEFAULT_PREFILL_STEP):  # like mlx-lm: in chunks, the prompt's logits never computed
             s.model(mx.array(ids[i : min(i + DEFAULT_PREFILL_STEP, P)])[None], cache=cache)
             mx.eval([c.state for c in cache])
+        caches = r.caches or []
+        settle = s.settle_tokens if caches else 0
+        for t in range(settle):  # untimed: the windows fill (the prompt was one window step per chunk)
+            mx.eval(s.model(mx.array(ids[P + t : P + t + 1])[None], cache=cache))
+        if settle:
+            r.stats.reset()
+        P += settle
         prefill_s = time.perf_counter() - t0
         disk0 = disk_read_bytes()
-        caches = r.caches or []
         new0 = sum(c.stats.new_neurons - c.stats.filled for c in caches)
         fill0 = sum(c.stats.filled for c in caches)
         times, argmax, nll = [], [], []

@@ -38,6 +38,7 @@ times the full model's layer count (said so in the output).
 """
 
 import argparse
+import hashlib
 import math
 import shutil
 import time
@@ -130,7 +131,6 @@ def existing(folder: Path, g: Geometry, layers: int) -> Optional[FlashConfig]:
 
 def write_synthetic(folder: Path, g: Geometry, layers: int, seed: int = 0, progress: bool = True) -> FlashConfig:
     """Write flash.json + ffn.bundles (random finite fp16 fields, valid CRCs) atomically; reuse when present."""
-    from tqdm import tqdm
 
     folder = Path(folder)
     cfg = existing(folder, g, layers)
@@ -148,18 +148,9 @@ def write_synthetic(folder: Path, g: Geometry, layers: int, seed: int = 0, progr
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    rng = np.random.default_rng(seed)
-    infos, off = [], 0
     try:
-        with open(tmp / BUNDLES_FILE, "wb") as f:
-            for l in tqdm(range(layers), desc=f"writing synthetic {g.name} FFN", unit="layer", disable=not progress):
-                rows = synthetic_rows(rng, g.d_ff, lay)
-                off = round_up(off, PAGE)
-                f.seek(off)
-                f.write(memoryview(rows).cast("B"))
-                infos.append({"offset": off, "nbytes": rows.nbytes, "sha256": None})
-                off += rows.nbytes
-            f.truncate(round_up(off, PAGE))
+        infos, off = write_bundles(tmp / BUNDLES_FILE, seed, layers, g.d_ff, lay, f"writing synthetic {g.name} FFN",
+                                   progress)
         cfg = FlashConfig(
             architecture="opt", model_config=g.model_config(), d_model=g.d_model, d_ff=g.d_ff, n_layers=layers,
             glu=g.glu, bias=g.bias, activation="relu", dtype=g.dtype, quantization=None, layout=lay, layers=infos,
@@ -174,6 +165,25 @@ def write_synthetic(folder: Path, g: Geometry, layers: int, seed: int = 0, progr
         shutil.rmtree(tmp, ignore_errors=True)
         raise FlashError(f"cannot write the synthetic model to {folder}: {e.strerror}")
     return cfg
+
+
+def write_bundles(path: Path, seed: int, layers: int, d_ff: int, lay: BundleLayout, desc: str,
+                  progress: bool = True):
+    """An ffn.bundles of random bundles (synthetic_rows), each layer page-aligned; returns flash.json's
+    per-layer entries and the file's size."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    infos, off = [], 0
+    with open(path, "wb") as f:
+        for _ in tqdm(range(layers), desc=desc, unit="layer", disable=not progress):
+            rows = synthetic_rows(rng, d_ff, lay)
+            f.seek(off)
+            f.write(memoryview(rows).cast("B"))
+            infos.append({"offset": off, "nbytes": rows.nbytes, "sha256": hashlib.sha256(rows).hexdigest()})
+            off = round_up(off + rows.nbytes, PAGE)
+        f.truncate(off)
+    return infos, off
 
 
 def synthetic_rows(rng, d_ff: int, lay: BundleLayout) -> np.ndarray:

@@ -1,0 +1,234 @@
+"""The synthetic model of same-budget mode: a quantized OPT folder with random weights, and predictors
+whose cost is real but whose active sets come from bench.scale's ActivationProcess (see
+mlx_flash.bench.same_budget for what is synthetic and why).
+
+- `write_model`: flash.json + resident.safetensors + ffn.bundles in the layout `convert --quantize`
+  writes, plus flash.json's `predictors` facts (share predicted, window union) from the process;
+- `SyntheticPredictor`, `SyntheticLookahead`: nn.Modules (their bytes are planned) that compute a
+  rank-128 8-bit low-rank product on the FFN input and name the process's neurons;
+- `InOutLinear` (--attention in-out): attention stored (in, out), not the runtime's layout.
+"""
+
+import math
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import FlashError
+from ..format import BUNDLES_FILE, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up
+from .scale import GEOMETRIES as SCALE_GEOMETRIES
+from .scale import ActivationProcess, Geometry, write_bundles
+
+PREDICTOR_RANK = 128  # the paper's (its last 4 layers: 1024); at most d_model / 8 (the test geometry)
+# the tests': FFN-heavy enough that the baselines stream at a budget flash fits
+GEOMETRIES = {**SCALE_GEOMETRIES, "tiny-ffn": Geometry("tiny-ffn", 4, 256, 1024, 256, 64, 4)}
+
+
+# MARK: - the synthetic folder
+
+
+def model_config(g: Geometry, layers: int, bits: int, group: int) -> dict:
+    return {**g.model_config(), "num_hidden_layers": layers, "quantization": {"group_size": group, "bits": bits}}
+
+
+def random_resident(config: dict, bits: int, group: int, seed: int) -> Dict[str, mx.array]:
+    """The resident weights `convert --quantize bits` keeps (every matrix but the FFN's quantized,
+    float16 biases and positions' scales, float32 norm weights), random: the quantized values uniform,
+    scales and biases such that each matrix is zero-mean with std ~ 1/sqrt(d_model)."""
+    from mlx.utils import tree_flatten
+
+    from ..load import model_class
+
+    Model, ModelArgs = model_class(config)
+    model = Model(ModelArgs.from_dict(config))  # its float weights stay lazy: never evaluated
+    for layer in model.layers:
+        layer.mlp = nn.Module()
+    nn.quantize(model, group, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized")
+                and m.weight.shape[-1] % group == 0)
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / (math.sqrt(config["hidden_size"]) * 2 ** (bits - 1))
+    out = {}
+    for k, v in tree_flatten(model.parameters()):
+        if v.dtype == mx.uint32:
+            out[k] = mx.array(rng.integers(0, 1 << 32, v.shape, dtype=np.uint32))
+        elif k.endswith("scales"):
+            out[k] = mx.full(v.shape, scale, mx.float16)
+        elif k.endswith(".biases"):
+            out[k] = mx.full(v.shape, -scale * (2 ** bits - 1) / 2, mx.float16)
+        elif k.endswith("norm.weight"):
+            out[k] = mx.ones(v.shape)
+        else:  # linear biases, norm biases
+            out[k] = mx.zeros(v.shape, mx.float16)
+    for l in range(config["num_hidden_layers"]):
+        out[f"model.decoder.layers.{l}.mlp.down_proj.bias"] = mx.zeros((config["hidden_size"],), mx.float16)
+    return out
+
+
+def write_model(folder: Path, g: Geometry, layers: int, bits: int, group: int, seed: int = 0,
+                progress: bool = True) -> FlashConfig:
+    """flash.json + resident.safetensors + ffn.bundles of a synthetic quantized OPT, written atomically
+    (reused when the folder already holds this geometry)."""
+
+    folder = Path(folder)
+    want = {"synthetic": g.name, "layers": layers, "bits": bits, "group_size": group, "seed": seed}
+    try:
+        cfg = FlashConfig.load(folder)
+        cfg.check_files(folder)
+        if {k: cfg.source.get(k) for k in want} == want:
+            return cfg
+    except FlashError:
+        pass
+    if g.d_model % group:
+        raise FlashError(f"--bits/--group: d_model {g.d_model} is not a multiple of the group size {group}")
+    quant = {"bits": bits, "group_size": group}
+    layout = BundleLayout.build(g.d_model, g.glu, g.bias, "float16", quant)
+    size = layers * round_up(g.d_ff * layout.stride, PAGE)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(folder.parent).free < 2 * size + (1 << 30):
+        raise FlashError(f"the synthetic model needs about {2 * size / 1e9:.1f} GB free in {folder.parent}: "
+                         f"pass fewer --layers or another --dir")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # random fp16 bit patterns: finite scales and biases, any quantized weights
+    infos, off = write_bundles(tmp / BUNDLES_FILE, seed, layers, g.d_ff, layout,
+                               f"writing synthetic {g.name} q{bits} FFN", progress)
+    config = model_config(g, layers, bits, group)
+    mx.save_safetensors(str(tmp / RESIDENT_FILE), random_resident(config, bits, group, seed))
+    cfg = FlashConfig(architecture="opt", model_config=config, d_model=g.d_model, d_ff=g.d_ff, n_layers=layers,
+                      glu=g.glu, bias=g.bias, activation="relu", dtype="float16", quantization=quant, layout=layout,
+                      layers=infos, file_size=off,
+                      source={**want, "note": "random weights (mlx_flash.bench.same_budget)"})
+    cfg.predictors = process_facts(cfg, seed)
+    cfg.save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return cfg
+
+
+def process_facts(cfg: FlashConfig, seed: int, tokens: int = 48, warmup: int = 8) -> dict:
+    """flash.json's `predictors` entry for the synthetic sets, what flash.budget.plan sizes the windows
+    from: share predicted per layer and the 99th percentile of a window's union (ActivationProcess
+    replayed through NeuronCaches)."""
+    from ..flash.neuron_cache import NeuronCache
+
+    proc = ActivationProcess(cfg.d_ff, cfg.n_layers, seed=seed)
+    caches = [NeuronCache(cfg.d_ff, cfg.d_ff, proc.window) for _ in range(cfg.n_layers)]
+    held = np.zeros((tokens, cfg.n_layers))
+    for t in range(warmup + tokens):
+        for l, (c, ids) in enumerate(zip(caches, proc.step())):
+            c.step(ids)
+            c.commit()
+            if t >= warmup:
+                held[t - warmup, l] = c.n
+    L = cfg.n_layers
+    return {"synthetic": True, "window": proc.window, "target_recall": 1.0, "tau": [0.0] * L,
+            "predicted_share": [float(p) for p in proc.pi.mean(axis=1)],
+            "window_union_p99": [float(v) for v in np.percentile(held, 99, axis=0)], "process": proc.expected}
+
+
+class InOutLinear(nn.Module):
+    """--attention in-out: x @ W with W stored (in, out) and quantized along the outputs, so that MLX
+    computes it with quantized_matmul(transpose=False), 4-5x faster than the transpose=True kernel of
+    nn.QuantizedLinear on MLX's x86 CPU backend at d_model 4096 (measured, 2026-11-30). The runtime
+    does not store attention this way: this option shows what such a layout would change here."""
+
+    def __init__(self, q: nn.QuantizedLinear, rng):
+        super().__init__()
+        d_out, d_in = q.weight.shape[0], q.weight.shape[1] * 32 // q.bits
+        self.bits, self.group_size = q.bits, q.group_size
+        self.weight = mx.array(rng.integers(0, 1 << 32, (d_in, d_out * q.bits // 32), dtype=np.uint32))
+        self.scales = mx.full((d_in, d_out // q.group_size), q.scales[0, 0].item(), q.scales.dtype)
+        self.biases = mx.full((d_in, d_out // q.group_size), q.biases[0, 0].item(), q.biases.dtype)
+        if "bias" in q:
+            self.bias = q.bias
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=False,
+                                group_size=self.group_size, bits=self.bits)
+        return y + self.bias if "bias" in self else y
+
+
+def in_out_attention(model, seed: int):
+    """Swap every attention projection for an InOutLinear of the same bytes (random, like the rest)."""
+    rng = np.random.default_rng(seed + 1)
+    for layer in model.layers:
+        a = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(a, name, InOutLinear(getattr(a, name), rng))
+        mx.eval(a.parameters())
+
+
+# MARK: - synthetic predictors: real cost, sets from the activation process
+
+
+class ActiveSets:
+    """This forward pass's predicted sets, one per layer; layer 0's predictor steps the process."""
+
+    def __init__(self, d_ff: int, n_layers: int, seed: int):
+        self.proc = ActivationProcess(d_ff, n_layers, seed=seed)
+        self.sets: List[np.ndarray] = []
+
+    def scores(self, layer: int, ids: np.ndarray) -> mx.array:
+        s = np.full(self.proc.d_ff, -1.0, np.float32)
+        s[ids] = 1.0
+        return mx.array(s)
+
+
+class LowRank(nn.Module):
+    """A predictor's shape and cost: d_model -> rank -> d_ff, 8-bit like trained_predictors in memory."""
+
+    def __init__(self, d_model: int, d_ff: int, rank: int):
+        super().__init__()
+        self.a = nn.Linear(d_model, rank, bias=False)
+        self.b = nn.Linear(rank, d_ff)
+        nn.quantize(self, 32, 8, class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
+        mx.eval(self.parameters())
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.b(self.a(x))
+
+
+class SyntheticPredictor(nn.Module):
+    """Scores (N, d_ff), > 0 exactly for the process's set of this layer; the low-rank product is
+    computed and added at zero weight, so MLX computes it before the scores can be read."""
+
+    def __init__(self, layer: int, sets: ActiveSets, d_model: int, rank: int):
+        super().__init__()
+        self.layer, self._sets = layer, sets
+        self.net = LowRank(d_model, sets.proc.d_ff, rank)
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.layer == 0:
+            self._sets.sets = self._sets.proc.step()
+        return self._sets.scores(self.layer, self._sets.sets[self.layer]) + 0 * self.net(x)
+
+
+class SyntheticLookahead(SyntheticPredictor):
+    """Layer `layer`'s neurons from the layer before's input: of the neurons it will need that are not in
+    its window (`window()`: that layer's NeuronCache, set after attaching), each named with probability
+    `hit`; plus neurons it will not need, `waste` of those named."""
+
+    def __init__(self, layer: int, sets: ActiveSets, d_model: int, rank: int, hit: float, waste: float,
+                 seed: int):
+        super().__init__(layer, sets, d_model, rank)
+        self.hit, self.waste = hit, waste
+        self._rng = np.random.default_rng(seed + 1000 + layer)
+        self.window = None  # a function, not a module: the layer's weights are not the predictor's
+
+    def __call__(self, x: mx.array) -> mx.array:
+        need = self._sets.sets[self.layer]
+        absent = self.window().neuron_to_slot < 0  # (d_ff,) not in the window
+        new = need[absent[need]]
+        named = new[self._rng.random(len(new)) < self.hit]
+        n_wrong = int(round(len(named) * self.waste / (1 - self.waste))) if self.waste < 1 else 0
+        absent[need] = False
+        pool = np.flatnonzero(absent)
+        wrong = self._rng.choice(pool, min(n_wrong, len(pool)), replace=False)
+        return self._sets.scores(self.layer, np.concatenate([named, wrong])) + 0 * self.net(x)
