@@ -268,7 +268,8 @@ def test_probe_cli_and_windowing_curve(trained_flash, tmp_path, capsys):
     held = [p["held_share"] for p in w["points"]]
     assert [p["window"] for p in w["points"]] == [1, 2, 3, 4]
     assert all(a >= b - 1e-12 for a, b in zip(new, new[1:])) and all(a <= b + 1e-12 for a, b in zip(held, held[1:]))
-    assert new[0] <= w["predicted_share"] <= held[0] + 1e-12
+    # a window of 1 holds one token's predicted set: the share calibration measured, on other text
+    assert new[0] <= held[0] and abs(held[0] - w["predicted_share"]) < 0.05
     assert (tmp_path / "windowing.png").is_file()
     assert "| window | new per token | held |" in capsys.readouterr().out
 

@@ -39,7 +39,7 @@ def active_sets(folder: Path, tokens: int = 512, seq_len: int = 128, source: str
         raise FlashError("--source must be 'predicted' or 'active'")
     windows = token_windows(load_tokenizer(folder), read_texts([str(text or HELDOUT_TEXT)]), tokens, seq_len)
     preds = load_predictors(mx.load(str(folder / cfg.predictors["file"])), cfg.n_layers)
-    masks = []
+    masks, pinned = [], cfg.predictors.get("pinned") or [[] for _ in range(cfg.n_layers)]
     bar = tqdm(total=cfg.n_layers, desc="dense pass over held-out text", unit="layer", disable=not progress)
 
     def on_layer(a):
@@ -49,6 +49,7 @@ def active_sets(folder: Path, tokens: int = 512, seq_len: int = 128, source: str
         else:
             z = np.array(preds[a.layer](mx.array(a.x)).astype(mx.float32))  # (N, d_ff)
             masks.append(z > cfg.predictors["tau"][a.layer])
+            masks[-1][:, pinned[a.layer]] = False  # pinned neurons live outside the windows (flash.outliers)
 
     model, down_bias = load_resident(folder, cfg)
     loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
