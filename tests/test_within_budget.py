@@ -158,7 +158,7 @@ def test_a_model_larger_than_the_memory_limit_is_converted_calibrated_and_run(tm
             "calibrate": ["-m", "mlx_flash.train_predictors", "--model", str(flash), *budget, "--tokens", "128",
                           "--seq-len", "64", "--rank", "16", "--last-layers-rank", "16", "--epochs", "10"],
             "generate": ["-m", "mlx_flash.generate", "--model", str(flash), "--mode", "flash", *budget,
-                         "--recall", "0.8", "-p", "Once upon a time", "--max-tokens", "4"],
+                         "--recall", "0.5", "-p", "Once upon a time", "--max-tokens", "4"],  # memory, not quality
         }
         results = {}
         for name, args in steps.items():
