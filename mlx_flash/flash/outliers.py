@@ -10,9 +10,11 @@ in a small per-layer buffer outside the sliding window, read once at load and co
 The rule, chosen from data: neuron j of layer l is pinned iff its largest contribution over the
 calibration tokens, C_lj = max_t |h_tj| * ||down_j||, is at least `ratio` times the layer's
 typical largest contribution (median over j of C_lj, neurons that never fire left out), at most
-`max_per_layer` per layer. On SmolLM2-135M the ratios of all 46,080 neurons run continuously up
-to 85 and then jump to 363, 864 and 2,277 (layer 28 neuron 678, layer 11 neurons 1487 and 1229,
-all on first tokens): ratio 100 sits in that gap. ReLU models (OPT) have no such neurons here.
+`max_per_layer` per layer. On SmolLM2-135M as `prepare` calibrates it (flash.json,
+`pin_rule.largest_ratios`) the three massive ones stand far off: 3,364 and 1,275 (layer 11 neurons
+1229 and 1487) and 522 (layer 28 neuron 678), all on first tokens; then layer 2's neurons 90 and 430
+(122 and 102, pinned too: 2.7 kB), layer 9's 200 (82, not), and every other neuron below 66.
+ReLU models (the tiny OPT and ReLU Llama of the tests) have none.
 """
 
 from typing import List
