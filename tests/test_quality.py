@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_flash.evaluate import evaluate, greedy, greedy_match
+from mlx_flash.flash.bundle_reader import BUFFER_ALIGN
 from mlx_flash.flash.outliers import pinned_neurons
 from mlx_flash.flash.predictor import report
 from mlx_flash.flash.sparsity import paragraph_offsets, read_texts, start_sequences
@@ -80,7 +81,8 @@ def test_pinned_neurons_are_computed_whatever_the_predictor_says(trained_flash, 
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     layer = flash.layers[0].mlp
     assert set(layer.cache.resident.tolist()) == set(range(1, cfg.d_ff, 2))  # the window holds the others
-    assert flash.flash_plan.pinned_bytes == cfg.n_layers * cfg.d_ff // 2 * cfg.layout.field_bytes
+    align = len(cfg.layout.fields) * BUFFER_ALIGN  # each buffer's field arrays start on a page
+    assert flash.flash_plan.pinned_bytes == cfg.n_layers * (cfg.d_ff // 2 * cfg.layout.field_bytes + align)
     assert flash.flash_stats.snapshot()["ffn_share_predicted"] == pytest.approx(0.5)  # pinned: not predicted
 
 
@@ -91,7 +93,7 @@ def test_plan_counts_the_pinned_neurons(trained_flash, tmp_path):
     a, _ = load_flash(folder, "flash")
     b, _ = load_flash(out, "flash")
     assert b.flash_plan.pinned == [[1, 2, 3]] + [[]] * (cfg.n_layers - 1)
-    assert b.flash_plan.total - a.flash_plan.total == 3 * cfg.layout.field_bytes
+    assert b.flash_plan.total - a.flash_plan.total == 3 * cfg.layout.field_bytes + len(cfg.layout.fields) * BUFFER_ALIGN
 
 
 def test_trained_predictors_store_both_recalls_and_the_pins(trained_flash):

@@ -25,6 +25,7 @@ import mlx.core as mx
 from ..errors import FlashError
 from ..format import RESIDENT_FILE, FlashConfig
 from ..sizes import parse_budget
+from .bundle_reader import BUFFER_ALIGN
 from .predictor import TRAIN_BATCH
 
 DEFAULT_THREADS = 32  # the paper's
@@ -127,7 +128,9 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     row = cfg.layout.field_bytes
     staging = staging_rows(cfg) * cfg.layout.stride * (3 if prefetch else 1)  # prefetch: two more areas
     pinned = cfg.predictors.get("pinned") or [[] for _ in range(cfg.n_layers)]
-    pinned_bytes = sum(map(len, pinned)) * row
+    # every NeuronBuffer aligns each field array on a page: one page per field, per buffer
+    align = len(cfg.layout.fields) * BUFFER_ALIGN
+    pinned_bytes = sum(map(len, pinned)) * row + sum(1 for p in pinned if p) * align
 
     if slots is not None:
         wanted = [min(cfg.d_ff, slots)] * cfg.n_layers
@@ -141,7 +144,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
     fixed = resident_bytes + predictor_bytes + kv + working + staging + pinned_bytes
     if budget_bytes is not None:
         room = budget_bytes - fixed
-        need = sum(floor) * row
+        need = sum(floor) * row + cfg.n_layers * align
         if room < need:
             raise FlashError(
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
@@ -155,7 +158,7 @@ def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: i
         extra = sum(w - f for w, f in zip(wanted, floor)) * row
         scale = min(1.0, (room - need) / extra) if extra else 1.0
         wanted = [f + int((w - f) * scale) for w, f in zip(wanted, floor)]
-    buffers = sum(wanted) * row
+    buffers = sum(wanted) * row + cfg.n_layers * align
     return Plan(budget_bytes, total, resident_bytes, predictor_bytes, kv, working, staging, buffers, pinned_bytes,
                 wanted, window, staging_rows(cfg), max_kv_size, chunk, pinned)
 
