@@ -37,6 +37,7 @@ from .format import (
     round_up,
 )
 from .flash.budget import check_prepare, returning_freed_memory
+from .models.in_out import LAYOUT_KEY, LAYOUTS, default_layout, in_out_paths, to_in_out
 from .sources import build_model, copy_tokenizer, default_folder, read_source, resolve
 from .system import release_pages
 
@@ -114,9 +115,12 @@ def layer_bytes(net, spec, layout: BundleLayout, mx_dtype) -> int:
 
 
 def convert(model: str, out: Path, dtype: str = None, quantize: int = None, group_size: int = None,
-            down_bits: int = None, alignment: int = DEFAULT_ALIGNMENT, dram_budget=None, quiet: bool = False) -> Path:
+            down_bits: int = None, alignment: int = DEFAULT_ALIGNMENT, dram_budget=None, quiet: bool = False,
+            resident_layout: str = None) -> Path:
     """Convert layer by layer: memory holds the resident part and one FFN layer, whatever the number of
-    layers (safetensors are read lazily, one tensor at a time). dram_budget: checked up front."""
+    layers (safetensors are read lazily, one tensor at a time). dram_budget: checked up front.
+    resident_layout: how --quantize stores the resident matrices (models/in_out.py; default: the
+    faster one on this machine's default device)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FlashError(f"{out} already exists: remove it or choose another --out")
@@ -126,6 +130,8 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         raise FlashError("--quantize must be 4 or 8")
     if alignment < 512 or alignment & (alignment - 1):
         raise FlashError("--align must be a power of two of at least 512")
+    if resident_layout not in (None, *LAYOUTS):
+        raise FlashError(f"--resident-layout must be one of {', '.join(LAYOUTS)}")
 
     path = resolve(model)
     if path.suffix == ".gguf":  # checked before MLX reads it
@@ -162,11 +168,17 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
 
     # Resident part: everything but the FFN matrices; quantized or cast as asked.
     if quantize:
-        nn.quantize(net, quant["group_size"], quant["bits"], class_predicate=lambda p, m: (
-            hasattr(m, "to_quantized") and ".mlp." not in p and not hasattr(m, "scales")
-            and m.weight.shape[-1] % quant["group_size"] == 0))
-        q = {"group_size": quant["group_size"], "bits": quant["bits"]}
+        g = quant["group_size"]
+        q = {"group_size": g, "bits": quant["bits"]}
         q.update({k: v for k, v in (src.config.get("quantization") or {}).items() if isinstance(v, dict)})
+        if (resident_layout or default_layout()) == "in-out":
+            # the matrices a decode step multiplies by, stored for x @ W (the ones already quantized stay)
+            paths = in_out_paths(net, net.args.tie_word_embeddings, g)
+            to_in_out(net, paths, g, quant["bits"])
+            q[LAYOUT_KEY] = paths
+        nn.quantize(net, g, quant["bits"], class_predicate=lambda p, m: (
+            hasattr(m, "to_quantized") and ".mlp." not in p and not hasattr(m, "scales")
+            and m.weight.shape[-1] % g == 0))
         config["quantization"] = q
     resident = {}
     for k, v in tree_flatten(net.parameters()):
@@ -252,6 +264,9 @@ def setup_arg_parser():
     p.add_argument("--group-size", type=int, default=None, help="quantization group size (default 64, or 32)")
     p.add_argument("--down-bits", type=int, default=None,
                    help="bits of the requantized down columns (default: --quantize, or 8 for a quantized source)")
+    p.add_argument("--resident-layout", choices=LAYOUTS, default=None,
+                   help="with --quantize: store attention and the LM head (out, in) for Metal's fast kernel or "
+                        "(in, out) for MLX's CPU backend (default: the faster on this machine's default device)")
     p.add_argument("--align", type=int, default=DEFAULT_ALIGNMENT,
                    help="bundle stride alignment in bytes (the disk's logical block size or a multiple)")
     p.add_argument("--dram-budget", default=None,
@@ -264,7 +279,8 @@ def setup_arg_parser():
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     out = args.out or default_folder(args.model)
-    convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align, args.dram_budget)
+    convert(args.model, out, args.dtype, args.quantize, args.group_size, args.down_bits, args.align, args.dram_budget,
+            resident_layout=args.resident_layout)
 
 
 if __name__ == "__main__":

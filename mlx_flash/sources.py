@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from .errors import FlashError
 from .format import CONFIG_FILE
+from .models.in_out import in_out_like
 
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 
@@ -154,12 +155,16 @@ def read_source(model: str) -> Source:
 
 def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optional[dict]):
     """Make quantized exactly the modules whose weights arrive quantized (mlx-lm's config convention:
-    a default {"group_size", "bits"} plus per-module overrides)."""
+    a default {"group_size", "bits"} plus per-module overrides, and the modules stored (in, out))."""
     if not quant:
         return
+    try:
+        in_out_like(model, weights, quant)
+    except ValueError as e:
+        raise FlashError(f"the weights do not match the config: {e}")
 
     def predicate(path, module):
-        if f"{path}.scales" not in weights:
+        if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
             return False
         q = quant.get(path, quant)
         return {"group_size": q["group_size"], "bits": q["bits"]}

@@ -36,6 +36,21 @@ def test_every_row_with_its_fields(run):
         assert a["ms_total"] > 0 and a["ms_compute"] > 0
 
 
+def test_resident_matrices_in_the_layout_convert_chooses_here(run, direct_root):  # noqa: F811
+    """The synthetic folder stores attention and the tied LM head as `convert --quantize` would on this
+    machine's default device (the CPU in tests: in-out), and the rows computed with those modules."""
+    from mlx_flash.load import load_resident
+    from mlx_flash.models.in_out import InOutEmbedding, InOutLinear, default_layout
+
+    _, saved, cfg = run
+    assert saved["resident_layout"] == default_layout() == cfg.source["resident_layout"] == "in-out"
+    model, _ = load_resident(direct_root / "e2e", cfg)
+    named = cfg.model_config["quantization"]["in_out"]
+    assert len(named) == 4 * cfg.n_layers + 1
+    mods = dict(model.named_modules())
+    assert all(isinstance(mods[p], InOutEmbedding if p.endswith("embed_tokens") else InOutLinear) for p in named)
+
+
 def test_same_budget_for_everyone_and_plans_within_it(run):
     res, _, _ = run
     budget = res["budget"]

@@ -2,14 +2,15 @@
 
     python -m mlx_flash.bench --same-budget opt-6.7b [--layers 16] [--share 0.5] [--bits 4] [--tokens 4]
         [--settle 5] [--repeats 2] [--hit 0.91] [--waste 0.14] [--rows naive,hybrid,all,all+prefetch]
-        [--cgroup] [--attention runtime|in-out] [--json out.json] [--dir models/synthetic-e2e-opt-6.7b-q4-L16]
+        [--cgroup] [--resident-layout in-out|out-in] [--json out.json] [--dir models/synthetic-e2e-opt-6.7b-q4-L16]
 
 What is synthetic, and only that: the weights (random) and the activation sets. Everything
 else is the product: the folder has the layout `convert` writes (flash.json, a quantized
 resident.safetensors, ffn.bundles with CRCs), `load.load_resident` loads it into the OPT model
 definition, and the rows are the runtime's own FFN providers, run by the benchmark's
 `rows.run_all` on one model object, interleaved, with real compute (float32 activations, 4-bit
-weights of group 64 like `convert --quantize 4`):
+weights of group 64 like `convert --quantize 4`, the resident matrices in the layout convert
+chooses for this machine's default device unless --resident-layout says otherwise):
 
 | row          | FFN provider                                            | reads per token                  |
 | naive        | baselines.MmapFFN (+ the ResidentFFN layers that fit)   | the other layers, cold mmap      |
@@ -27,8 +28,6 @@ for naive, the largest page-cache footprint of ffn.bundles seen). With --cgroup 
 repetition runs in its own child process inside a memory cgroup whose limit is the budget plus
 the child's baseline (bench.cgroup) plus --cgroup-slack (64 MiB: Python objects, thread stacks,
 which no plan counts); the kernel decides what stays cached, and `fits` reads the cgroup's peak.
---attention in-out stores the attention projections (in, out) for MLX CPU's faster
-transpose=False kernel: NOT the runtime's layout, labelled so in the output.
 
 Predictors (`SyntheticPredictor`): per layer a rank-128 low-rank pair quantized to 8 bits, like
 trained ones in memory, computed on the real FFN input every token (its cost is real, its
@@ -54,11 +53,12 @@ import numpy as np
 
 from ..errors import FlashError
 from ..format import FlashConfig
+from ..models.in_out import LAYOUTS, default_layout
 from ..sizes import parse_budget, parse_size
 from ..system import direct_read_method, eviction_method
 from .scale import Geometry
 from .synthetic import (GEOMETRIES, PREDICTOR_RANK, ActiveSets, SyntheticLookahead, SyntheticPredictor,
-                        in_out_attention, write_model)
+                        write_model)
 
 ROWS = ("naive", "hybrid", "all", "all+prefetch")
 DEFAULTS = {"tokens": 4, "settle": 5, "repeats": 2, "prompt": 4}
@@ -120,8 +120,6 @@ def measure(args, folder: Path, cfg: FlashConfig, rows: List[str], cgroup: Optio
     base = measure_baseline(cgroup, args.threads) if cgroup is not None else None
     mlx_baseline = mx.get_active_memory()
     model, down_bias = load_resident(folder, cfg)
-    if args.attention == "in-out":
-        in_out_attention(model, args.seed)
     n = args.prompt_tokens + args.settle + args.tokens + 1
     ids = np.random.default_rng(args.seed).integers(0, cfg.model_config["vocab_size"], n)
     s = Setup(folder, cfg, model, down_bias, ids, args.prompt_tokens, args.tokens, threads=args.threads,
@@ -217,9 +215,8 @@ def print_report(out: dict, g: Geometry, cfg: FlashConfig):
     print(f"activation sets: SYNTHETIC (bench.scale.ActivationProcess: {e['predicted_share']:.1%} predicted, "
           f"{e['new_share']:.2%} new to a window of 5 per token); predictors: rank {PREDICTOR_RANK}, 8-bit, computed; "
           f"lookahead: hit {out['hit']}, waste {out['waste']} (synthetic, set by --hit/--waste)")
-    print("attention: " + ("as the runtime computes it (nn.QuantizedLinear, quantized_matmul transpose=True)"
-                           if out["attention"] == "runtime" else "stored (in, out), quantized_matmul transpose=False: "
-                           "NOT the runtime's layout (--attention in-out)") + "; LM head: the tied quantized embedding")
+    print(f"resident matrices (attention, the tied LM head): stored {out['resident_layout']}, as `convert --quantize "
+          f"{cfg.quantization['bits']} --resident-layout {out['resident_layout']}` writes them (models/in_out.py)")
     print(f"{out['tokens']} tokens x {out['repeats']} interleaved repeats per row (+{out['settle']} untimed in flash "
           f"rows), medians; reads: {direct_read_method()} (flash, hybrid), naive: "
           + ("memory cgroup per child, the kernel evicts" if out["cgroup"] else f"{eviction_method()} every layer")
@@ -271,9 +268,9 @@ def setup_arg_parser():
     p.add_argument("--hit", type=float, default=0.91, help="lookahead: share of the needed new neurons it names")
     p.add_argument("--waste", type=float, default=0.14, help="lookahead: share of what it names that is not needed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention", choices=("runtime", "in-out"), default="runtime",
-                   help="attention projections as the runtime stores them (nn.QuantizedLinear, default), or "
-                        "stored (in, out) for MLX CPU's faster transpose=False kernel (not what the runtime does)")
+    p.add_argument("--resident-layout", choices=LAYOUTS, default=None,
+                   help="how the resident matrices are stored, as convert's option (default: what convert chooses "
+                        "on this machine's default device)")
     p.add_argument("--threads", type=int, default=32, help="read threads (flash, hybrid)")
     p.add_argument("--dir", default=None, help="the synthetic model's folder (default models/synthetic-e2e-...)")
     p.add_argument("--cgroup", action="store_true", help="run the rows in a child process inside a memory cgroup")
@@ -328,6 +325,7 @@ def run(argv) -> dict:
     args = setup_arg_parser().parse_args(argv)
     rows = check_args(args)
     g = GEOMETRIES[args.same_budget]
+    layout = args.resident_layout or default_layout()
     folder = Path(args.dir) if args.dir else models_dir() / f"synthetic-e2e-{g.name}-q{args.bits}-L{args.layers}"
     if args.cgroup_child:  # inside the cgroup: the folder is written, the parent reads our JSON
         res = measure(args, folder, FlashConfig.load(folder), rows, Path(args.cgroup_child))
@@ -336,7 +334,8 @@ def run(argv) -> dict:
     if args.cgroup:
         cgroup_root()  # a clear message where there is none
     t0 = time.time()
-    cfg = write_model(folder, g, args.layers, args.bits, args.group, args.seed, progress=not args.quiet)
+    cfg = write_model(folder, g, args.layers, args.bits, args.group, args.seed, progress=not args.quiet,
+                      resident_layout=layout)
     if args.cgroup:  # one child per row and repetition (memory a row leaves behind is not the next one's)
         child = [a for a in argv if a not in ("--cgroup", "--json") and a != args.json]
         res = None
@@ -359,7 +358,7 @@ def run(argv) -> dict:
            "folder": str(folder), "model_bytes": res["model_bytes"], "share": args.share, "budget": res["budget"],
            "baseline_weights": res["baseline_weights"], "rows": rows, "tokens": args.tokens, "settle": args.settle,
            "repeats": args.repeats, "prompt_tokens": args.prompt_tokens, "threads": args.threads, "hit": args.hit,
-           "waste": args.waste, "attention": args.attention, "cgroup": res["cgroup"] if args.cgroup else None, "cgroup_slack": args.cgroup_slack,
+           "waste": args.waste, "resident_layout": layout, "cgroup": res["cgroup"] if args.cgroup else None, "cgroup_slack": args.cgroup_slack,
            "load_average": round(os.getloadavg()[0], 1), "summary": summary,
            "targets": targets(summary, args.share), "runs": res["runs"], "seconds": time.time() - t0}
     print_report(out, g, cfg)

@@ -6,7 +6,6 @@ mlx_flash.bench.same_budget for what is synthetic and why).
   writes, plus flash.json's `predictors` facts (share predicted, window union) from the process;
 - `SyntheticPredictor`, `SyntheticLookahead`: nn.Modules (their bytes are planned) that compute a
   rank-128 8-bit low-rank product on the FFN input and name the process's neurons;
-- `InOutLinear` (--attention in-out): attention stored (in, out), not the runtime's layout.
 """
 
 import math
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..errors import FlashError
 from ..format import BUNDLES_FILE, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up
+from ..models.in_out import LAYOUT_KEY, in_out_paths, to_in_out
 from .scale import GEOMETRIES as SCALE_GEOMETRIES
 from .scale import ActivationProcess, Geometry, write_bundles
 
@@ -35,10 +35,11 @@ def model_config(g: Geometry, layers: int, bits: int, group: int) -> dict:
     return {**g.model_config(), "num_hidden_layers": layers, "quantization": {"group_size": group, "bits": bits}}
 
 
-def random_resident(config: dict, bits: int, group: int, seed: int) -> Dict[str, mx.array]:
-    """The resident weights `convert --quantize bits` keeps (every matrix but the FFN's quantized,
-    float16 biases and positions' scales, float32 norm weights), random: the quantized values uniform,
-    scales and biases such that each matrix is zero-mean with std ~ 1/sqrt(d_model)."""
+def random_resident(config: dict, bits: int, group: int, seed: int, layout: str) -> Dict[str, mx.array]:
+    """The resident weights `convert --quantize bits --resident-layout layout` keeps (every matrix but
+    the FFN's quantized, float16 biases and positions' scales, float32 norm weights), random: the
+    quantized values uniform, scales and biases such that each matrix is zero-mean with std ~
+    1/sqrt(d_model). Records the in-out modules in config's quantization entry, as convert does."""
     from mlx.utils import tree_flatten
 
     from ..load import model_class
@@ -47,6 +48,10 @@ def random_resident(config: dict, bits: int, group: int, seed: int) -> Dict[str,
     model = Model(ModelArgs.from_dict(config))  # its float weights stay lazy: never evaluated
     for layer in model.layers:
         layer.mlp = nn.Module()
+    if layout == "in-out":
+        paths = in_out_paths(model, model.args.tie_word_embeddings, group)
+        to_in_out(model, paths, group, bits)
+        config["quantization"][LAYOUT_KEY] = paths
     nn.quantize(model, group, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized")
                 and m.weight.shape[-1] % group == 0)
     rng = np.random.default_rng(seed)
@@ -69,16 +74,18 @@ def random_resident(config: dict, bits: int, group: int, seed: int) -> Dict[str,
 
 
 def write_model(folder: Path, g: Geometry, layers: int, bits: int, group: int, seed: int = 0,
-                progress: bool = True) -> FlashConfig:
+                progress: bool = True, resident_layout: str = "out-in") -> FlashConfig:
     """flash.json + resident.safetensors + ffn.bundles of a synthetic quantized OPT, written atomically
-    (reused when the folder already holds this geometry)."""
+    (reused when the folder already holds this geometry and resident layout)."""
 
     folder = Path(folder)
-    want = {"synthetic": g.name, "layers": layers, "bits": bits, "group_size": group, "seed": seed}
+    want = {"synthetic": g.name, "layers": layers, "bits": bits, "group_size": group, "seed": seed,
+            "resident_layout": resident_layout}
     try:
         cfg = FlashConfig.load(folder)
         cfg.check_files(folder)
-        if {k: cfg.source.get(k) for k in want} == want:
+        stored = "in-out" if cfg.model_config["quantization"].get(LAYOUT_KEY) else "out-in"
+        if {k: cfg.source.get(k) for k in want} == want and stored == resident_layout:
             return cfg
     except FlashError:
         pass
@@ -98,7 +105,7 @@ def write_model(folder: Path, g: Geometry, layers: int, bits: int, group: int, s
     infos, off = write_bundles(tmp / BUNDLES_FILE, seed, layers, g.d_ff, layout,
                                f"writing synthetic {g.name} q{bits} FFN", progress)
     config = model_config(g, layers, bits, group)
-    mx.save_safetensors(str(tmp / RESIDENT_FILE), random_resident(config, bits, group, seed))
+    mx.save_safetensors(str(tmp / RESIDENT_FILE), random_resident(config, bits, group, seed, resident_layout))
     cfg = FlashConfig(architecture="opt", model_config=config, d_model=g.d_model, d_ff=g.d_ff, n_layers=layers,
                       glu=g.glu, bias=g.bias, activation="relu", dtype="float16", quantization=quant, layout=layout,
                       layers=infos, file_size=off,
@@ -129,39 +136,6 @@ def process_facts(cfg: FlashConfig, seed: int, tokens: int = 48, warmup: int = 8
     return {"synthetic": True, "window": proc.window, "target_recall": 1.0, "tau": [0.0] * L,
             "predicted_share": [float(p) for p in proc.pi.mean(axis=1)],
             "window_union_p99": [float(v) for v in np.percentile(held, 99, axis=0)], "process": proc.expected}
-
-
-class InOutLinear(nn.Module):
-    """--attention in-out: x @ W with W stored (in, out) and quantized along the outputs, so that MLX
-    computes it with quantized_matmul(transpose=False), 4-5x faster than the transpose=True kernel of
-    nn.QuantizedLinear on MLX's x86 CPU backend at d_model 4096 (measured, 2026-11-30). The runtime
-    does not store attention this way: this option shows what such a layout would change here."""
-
-    def __init__(self, q: nn.QuantizedLinear, rng):
-        super().__init__()
-        d_out, d_in = q.weight.shape[0], q.weight.shape[1] * 32 // q.bits
-        self.bits, self.group_size = q.bits, q.group_size
-        self.weight = mx.array(rng.integers(0, 1 << 32, (d_in, d_out * q.bits // 32), dtype=np.uint32))
-        self.scales = mx.full((d_in, d_out // q.group_size), q.scales[0, 0].item(), q.scales.dtype)
-        self.biases = mx.full((d_in, d_out // q.group_size), q.biases[0, 0].item(), q.biases.dtype)
-        if "bias" in q:
-            self.bias = q.bias
-        self.freeze()
-
-    def __call__(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self.weight, self.scales, self.biases, transpose=False,
-                                group_size=self.group_size, bits=self.bits)
-        return y + self.bias if "bias" in self else y
-
-
-def in_out_attention(model, seed: int):
-    """Swap every attention projection for an InOutLinear of the same bytes (random, like the rest)."""
-    rng = np.random.default_rng(seed + 1)
-    for layer in model.layers:
-        a = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(a, name, InOutLinear(getattr(a, name), rng))
-        mx.eval(a.parameters())
 
 
 # MARK: - synthetic predictors: real cost, sets from the activation process
