@@ -122,6 +122,8 @@ def stats_line(r: Response) -> str:
     rss_gb = peak_rss_bytes() / 1e9
     f = r.flash
     read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
+    if f and f.get("prefetch_hit_rate") is not None:
+        read += f", prefetch hit rate {f['prefetch_hit_rate']:.2f}"
     return (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens/s, {ms:.1f} ms/token | "
@@ -147,9 +149,10 @@ def add_model_arguments(p):
                         f"longer requests are refused (default {DEFAULT_MAX_KV_SIZE})")
     p.add_argument("--prefill-step", type=int, default=None,
                    help=f"flash mode: prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP})")
-    p.add_argument("--prefetch", action="store_true",
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="flash mode: read each layer's predicted neurons while the layer before computes (needs "
-                        "train_predictors --lookahead)")
+                        "train_predictors --lookahead; default: on when the model has lookahead predictors and the "
+                        "budget holds them)")
     p.add_argument("--profile", action="store_true",
                    help="flash mode: time attention, prediction and FFN compute apart (adds a host sync per phase)")
 
@@ -170,7 +173,7 @@ def setup_arg_parser():
 def flash_options(args) -> dict:
     opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
             "recall": args.recall, "max_kv_size": args.max_kv_size, "prefill_step": args.prefill_step,
-            "prefetch": args.prefetch or None, "profile": args.profile or None}
+            "prefetch": args.prefetch, "profile": args.profile or None}
     return {k: v for k, v in opts.items() if v is not None}
 
 

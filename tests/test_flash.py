@@ -275,7 +275,7 @@ def test_prefetch_changes_where_bytes_come_from_not_the_output(trained_flash):
     folder = trained_flash("llama_relu_untied", lookahead=True)
     look = FlashConfig.load(folder).predictors["lookahead"]
     assert look["tau"][0] is None and all(0 < r <= 1 for r in look["recall"][1:])
-    plain, _ = load(str(folder), mode="flash")
+    plain, _ = load(str(folder), mode="flash", prefetch=False)
     ahead, _ = load(str(folder), mode="flash", prefetch=True)
     assert ahead.flash_plan.staging == 3 * plain.flash_plan.staging  # two more staging areas, planned
     want, want_toks = decode(plain, PROMPT, 12)
@@ -291,6 +291,32 @@ def test_prefetch_changes_where_bytes_come_from_not_the_output(trained_flash):
     rc, err = run_cli("--model", str(trained_flash("opt_pre_ln")), "--mode", "flash", "--prefetch", "-m", "2")
     assert rc == 2 and "--lookahead" in err and len(err.splitlines()) == 1
     ahead.flash_reader.close()  # closes the prefetcher's thread first
+
+
+def test_prefetch_by_default_where_lookahead_predictors_and_the_budget_allow(trained_flash):
+    """Default (prefetch=None): on with lookahead predictors; off without them; off (not refused) when
+    the budget holds flash but not its prefetch too, where an explicit --prefetch is refused."""
+    folder = trained_flash("llama_relu_untied", lookahead=True)
+    auto, _ = load(str(folder), mode="flash")
+    assert auto.flash_prefetch and auto.flash_plan.staging % 3 == 0
+    decode(auto, PROMPT, 4)
+    assert auto.flash_stats.prefetched > 0
+    auto.flash_reader.close()
+    off, _ = load(str(folder), mode="flash", prefetch=False)
+    assert not off.flash_prefetch and off.flash_plan.staging * 3 == auto.flash_plan.staging
+    tight = off.flash_plan.total  # exactly what flash needs without prefetch
+    off.flash_reader.close()
+    fallback, _ = load(str(folder), mode="flash", dram_budget=tight)
+    assert not fallback.flash_prefetch and fallback.flash_plan.total <= tight
+    fallback.flash_reader.close()
+    with pytest.raises(FlashError):
+        load(str(folder), mode="flash", dram_budget=tight, prefetch=True)
+    plain, _ = load(str(trained_flash("opt_pre_ln")), mode="flash")
+    assert not plain.flash_prefetch
+    plain.flash_reader.close()
+    for flag, shown in (([], True), (["--no-prefetch"], False)):
+        rc, err = run_cli("--model", str(folder), "--mode", "flash", *flag, "-m", "12")
+        assert rc == 0 and ("prefetch hit rate" in err) == shown, err
 
 
 def test_no_neuron_predicted_gives_the_ffn_bias_only(trained_flash):

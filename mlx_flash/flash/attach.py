@@ -82,7 +82,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
                  max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
                  slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
-                 predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: bool = False,
+                 predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: Optional[bool] = None,
                  lookahead=None):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
@@ -91,7 +91,9 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     max_kv_size, prefill_step: the context reserved and the prompt chunk (flash.budget).
     profile: time attention, prediction and FFN apart (extra host syncs; the benchmark).
     prefetch: read each layer's predicted neurons while the layer before computes (flash.prefetch),
-    with the trained lookahead predictors or `lookahead` (callables like `predictor`, None at layer 0)."""
+    with the trained lookahead predictors or `lookahead` (callables like `predictor`, None at layer 0).
+    None: on when there are lookahead predictors and the budget holds them with their second staging
+    area (measured faster at the same budget: README, same-budget table), off otherwise."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -102,12 +104,23 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
         predictors, taus = trained_predictors(folder, cfg, recall, predictor_bits)
     else:
         predictors, taus = predictor, [0.0] * cfg.n_layers
-    looks, look_taus = [None] * cfg.n_layers, [0.0] * cfg.n_layers
+    auto = prefetch is None
+    if auto:
+        prefetch = lookahead is not None or bool(cfg.predictors.get("lookahead"))
+    none = [None] * cfg.n_layers, [0.0] * cfg.n_layers
+    looks, look_taus = none
     if prefetch:
         looks, look_taus = (lookahead, look_taus) if lookahead is not None else \
             trained_predictors(folder, cfg, recall, predictor_bits, lookahead=True)
-    pl = plan_flash(model, folder, cfg, down_bias, predictors + looks, dram_budget, window, max_kv_size,
-                    prefill_step, slots, recall, prefetch)
+    try:
+        pl = plan_flash(model, folder, cfg, down_bias, predictors + looks, dram_budget, window, max_kv_size,
+                        prefill_step, slots, recall, prefetch)
+    except FlashError:
+        if not (auto and prefetch):
+            raise
+        (looks, look_taus), prefetch = none, False  # the budget holds flash, not its prefetch as well
+        pl = plan_flash(model, folder, cfg, down_bias, predictors, dram_budget, window, max_kv_size,
+                        prefill_step, slots, recall, prefetch)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
@@ -136,4 +149,5 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     model.kv_step = pl.max_kv_size  # the KV cache is allocated whole, once (models.base.CausalLM.make_cache)
     model.flash_stats = stats
     model.flash_plan = pl
+    model.flash_prefetch = prefetch
     model.flash_reader = reader
