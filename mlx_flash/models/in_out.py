@@ -5,7 +5,7 @@ transpose=True: Metal's fastest decode kernel. MLX's CPU backend computes the ot
 (a 4096 x 4096 4-bit mat-vec in float32 on x86: 4.3 ms vs 14.4 ms, measured 2026-11-30), and the
 attention projections plus the LM head are most of a decode step's compute once the FFN is sparse.
 `convert --quantize --resident-layout in-out` quantizes these from the float source along `out`
-(the same error, another axis) and records their paths in the model config's quantization entry;
+(an error of the same size, along another axis) and records their paths in the model config's quantization entry;
 `in_out_like` rebuilds the modules at load.
 
 A tied embedding is both the LM head and the token lookup: stored (d_model, vocab) it serves the head
