@@ -175,8 +175,9 @@ class FlashFFN(nn.Module):
         if ahead:  # the next layer's neurons, predicted from this input, in the same sync
             scores = mx.concatenate([scores, self.lookahead(xs)], axis=-1)
         scores = to_host(scores.astype(mx.float32))  # (N, d_ff [+ next d_ff]): the layer's one host sync
-        if ahead:
-            self.next.prefetch(np.flatnonzero(scores[0, self.spec.d_ff :] > self.look_tau))
+        look = None
+        if ahead:  # read once this layer's own reads are done
+            look = np.flatnonzero(scores[0, self.spec.d_ff :] > self.look_tau)
             scores = scores[:, : self.spec.d_ff]
         pred = scores > self.tau
         if self.pinned is not None:  # always computed: not the window's to hold
@@ -239,6 +240,8 @@ class FlashFFN(nn.Module):
                 s.bytes_moved += self.cache.stats.bytes_moved - moved0
                 s.window_shrinks += self.cache.stats.window_shrinks - shrinks0
                 s.truncations += self.cache.stats.truncations - trunc0
+        if look is not None:  # after this layer's reads: queued before them, it would delay them on the same threads
+            self.next.prefetch(look)
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         self._last = y
         return y.reshape(shape)

@@ -3,10 +3,10 @@
 The paper reads, then computes, layer after layer, so I/O and compute add up. Here layer l's
 FFN input also feeds a lookahead predictor of layer l+1's active neurons (the residual stream
 changes slowly between layers: Deja Vu), trained and calibrated like the others
-(`train_predictors --lookahead`). Right after layer l's one host sync, the bundles of those
-predicted neurons that are not already in layer l+1's window are read on a background thread
-into a staging area, while layer l moves rows and reads its own misses, and while MLX computes
-layer l's FFN and layer l+1's attention. When layer l+1's own predictor has spoken:
+(`train_predictors --lookahead`). Layer l's one host sync yields both predictions; once layer l
+has read its own misses (on the same read threads, which a queued prefetch would delay), the
+bundles of those predicted neurons that are not already in layer l+1's window are read on a
+background thread into a staging area, while MLX computes layer l's FFN and layer l+1's attention. When layer l+1's own predictor has spoken:
 
 - hits: prefetched bundles it needs are copied from the staging area into their rows;
 - misses: the new neurons that were not prefetched are read then (the I/O left exposed);
