@@ -107,8 +107,8 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     auto = prefetch is None
     if auto:
         prefetch = lookahead is not None or bool(cfg.predictors.get("lookahead"))
-    none = [None] * cfg.n_layers, [0.0] * cfg.n_layers
-    looks, look_taus = none
+    no_lookahead = [None] * cfg.n_layers, [0.0] * cfg.n_layers
+    looks, look_taus = no_lookahead
     if prefetch:
         looks, look_taus = (lookahead, look_taus) if lookahead is not None else \
             trained_predictors(folder, cfg, recall, predictor_bits, lookahead=True)
@@ -118,7 +118,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     except FlashError:
         if not (auto and prefetch):
             raise
-        (looks, look_taus), prefetch = none, False  # the budget holds flash, not its prefetch as well
+        (looks, look_taus), prefetch = no_lookahead, False  # the budget holds flash, not its prefetch as well
         pl = plan_flash(model, folder, cfg, down_bias, predictors, dram_budget, window, max_kv_size,
                         prefill_step, slots, recall, prefetch)
 
