@@ -51,13 +51,6 @@ def _rows_bytes(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint8)).reshape(a.shape[0], -1)
 
 
-def _matrix(linear: nn.Module):
-    """(weight, scales, biases) of a QuantizedLinear, or the float weight."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return (linear.weight, linear.scales, linear.biases), {"group_size": linear.group_size, "bits": linear.bits}
-    return linear.weight, None
-
-
 def _dequantize(w, q):
     return mx.dequantize(*w, group_size=q["group_size"], bits=q["bits"]) if q else w
 
@@ -67,9 +60,11 @@ def ffn_fields(mlp, glu: bool, quant, dtype):
 
     quant: bundles' {"bits", "group_size"} or None for float bundles of `dtype`.
     """
-    fields, err = {}, None
+    fields, err, biases = {}, None, []
     for name in (["gate"] if glu else []) + ["up", "down"]:
-        w, src_q = _matrix(getattr(mlp, f"{name}_proj"))
+        w, bias, src_q = mlp.matrix(name)
+        if name != "down":
+            biases.append(bias)
         if name != "down" and quant is not None and src_q == {k: quant[k] for k in ("bits", "group_size")}:
             fields[name] = w  # rows of a row-quantized gate/up are already bundles: copy bits exactly
             continue
@@ -85,8 +80,7 @@ def ffn_fields(mlp, glu: bool, quant, dtype):
             back = mx.dequantize(*fields[name], group_size=quant["group_size"], bits=bits)
             err = (mx.linalg.norm((back - dense).astype(mx.float32)) / mx.linalg.norm(dense.astype(mx.float32))).item()
     if mlp.spec.bias:
-        b = [getattr(mlp, f"{n}_proj").bias for n in (["gate"] if glu else []) + ["up"]]
-        fields["bias"] = mx.stack(b, axis=1).astype(dtype)  # (d_ff, 2) or (d_ff, 1)
+        fields["bias"] = mx.stack(biases, axis=1).astype(dtype)  # (d_ff, 2) or (d_ff, 1)
     return fields, err
 
 
@@ -143,7 +137,7 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
     spec = net.ffn_spec
     total = sum(v.nbytes for _, v in tree_flatten(net.parameters()))  # the source's size
     config = dict(src.config)
-    src_w, src_q = _matrix(net.layers[0].mlp.up_proj)
+    src_w, _, src_q = net.layers[0].mlp.matrix("up")
 
     # Bundles keep the source's quantization unless a dtype or a new quantization is asked for.
     dtype_given = dtype is not None
@@ -173,7 +167,7 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         q.update({k: v for k, v in (src.config.get("quantization") or {}).items() if isinstance(v, dict)})
         if (resident_layout or default_layout()) == "in-out":
             # the matrices a decode step multiplies by, stored for x @ W (the ones already quantized stay)
-            paths = in_out_paths(net, net.args.tie_word_embeddings, g)
+            paths = in_out_paths(net, "lm_head" not in net, g)
             to_in_out(net, paths, g, quant["bits"])
             q[LAYOUT_KEY] = paths
         nn.quantize(net, g, quant["bits"], class_predicate=lambda p, m: (
@@ -227,10 +221,10 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
                        "down_relative_error_max": float(np.max(errors)),
                        "per_layer": [round(e, 6) for e in errors]}
         cfg = FlashConfig(
-            architecture=spec_arch(config), model_config=config, d_model=spec.d_model, d_ff=spec.d_ff,
+            architecture=config["model_type"], model_config=config, d_model=spec.d_model, d_ff=spec.d_ff,
             n_layers=n_layers, glu=spec.glu, bias=spec.bias, activation=spec.activation, dtype=dtype,
             quantization=quant, layout=layout, layers=layers, file_size=offset,
-            source={"model": model, "requantization": requant},
+            source={"model": model, "requantization": requant}, act_threshold=spec.act_threshold,
         )
         cfg.save(tmp)  # written last: a folder without flash.json is not a model
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,10 +242,6 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
             print(f"down projection requantized along d_model: relative error "
                   f"{requant['down_relative_error_mean']:.4f} (mean), {requant['down_relative_error_max']:.4f} (max)")
     return out
-
-
-def spec_arch(config: dict) -> str:
-    return "opt" if config["model_type"] == "opt" else "llama"
 
 
 def setup_arg_parser():

@@ -136,7 +136,7 @@ def stored_crc(bundle: np.ndarray, layout: BundleLayout) -> int:
 class FlashConfig:
     """The parsed `flash.json`."""
 
-    architecture: str  # "llama" or "opt"
+    architecture: str  # the model type (models/architectures.py)
     model_config: dict  # the model's ModelArgs as a dict (config.json keys)
     d_model: int
     d_ff: int
@@ -151,6 +151,7 @@ class FlashConfig:
     file_size: int
     source: dict  # where it came from, resident quantization, requantization error
     predictors: Optional[dict] = None  # written by train_predictors
+    act_threshold: float = 0.0  # FATReLU's threshold (activation "fatrelu")
 
     def bundle_offset(self, layer: int, neuron: int) -> int:
         return self.layers[layer]["offset"] + neuron * self.layout.stride
@@ -168,6 +169,7 @@ class FlashConfig:
                 "glu": self.glu,
                 "bias": self.bias,
                 "activation": self.activation,
+                "act_threshold": self.act_threshold,
                 "dtype": self.dtype,
                 "quantization": self.quantization,
                 "bundle": self.layout.to_json(),
@@ -208,6 +210,7 @@ class FlashConfig:
                 glu=f["glu"],
                 bias=f["bias"],
                 activation=f["activation"],
+                act_threshold=f.get("act_threshold", 0.0),
                 dtype=f["dtype"],
                 quantization=f["quantization"],
                 layout=BundleLayout.from_json(f["bundle"]),

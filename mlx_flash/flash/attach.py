@@ -53,15 +53,13 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
     resident = sum(v.nbytes for _, v in tree_flatten(model.parameters())) + sum(
         b.nbytes for b in down_bias if b is not None)
     # a quantized LM head casts its scales and biases to float32 every token (measured on the built-in model)
-    head = model.lm_head if "lm_head" in model else getattr(getattr(model, "model", None), "embed_tokens", None)
-    head = head if head is not None else model.model.decoder.embed_tokens
+    embed = next(m for path, m in model.named_modules() if path.endswith("embed_tokens"))
+    head = model.lm_head if "lm_head" in model else embed
     transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
     # activations (and so the KV cache) take the dtype that embeddings meet the first norm in:
     # float32 for the built-in model, whose embeddings are float16 but whose norms are float32
-    body = model.model if "embed_tokens" in model.model else model.model.decoder
-    embed = body.embed_tokens
     norm = next(m for name, m in model.layers[0].children().items() if "norm" in name)
-    x = mx.zeros((1, model.args.hidden_size), embed.scales.dtype if "scales" in embed else embed.weight.dtype)
+    x = mx.zeros((1, model.ffn_spec.d_model), embed.scales.dtype if "scales" in embed else embed.weight.dtype)
     item = norm(x).dtype.size
     return resident, transient, item
 

@@ -1,9 +1,10 @@
 """The feed-forward block, the one part of a model that differs between modes.
 
-Every architecture here names its FFN `mlp` with `up_proj`/`down_proj` (and
-`gate_proj` for GLU models); OPT's `fc1`/`fc2` are renamed in its `sanitize`.
-Dense mode uses `DenseFFN`; flash mode swaps in `FlashFFN` (mlx_flash.flash.ffn)
-and the naive baseline `MmapFFN`, all with the same call signature.
+Every architecture names its FFN module `mlp` (models/architectures.py), with `up_proj`/`down_proj`
+and `gate_proj` in GLU models (Phi-3 fuses gate and up in `gate_up_proj`; OPT's `fc1`/`fc2` are
+renamed in its `sanitize`). Dense mode puts a `DenseFFN` there in place of the model class's own MLP,
+flash mode a `FlashFFN` (mlx_flash.flash.ffn), the naive baseline an `MmapFFN`, all with the same
+call signature: (..., d_model) -> (..., d_model).
 """
 
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ ACTIVATIONS = {
     "silu": nn.silu,
     "swish": nn.silu,
     "relu": nn.relu,
+    "fatrelu": nn.relu,  # with FFNSpec.act_threshold: values at or below it are zeroed too (ProSparse)
+    "drelu": nn.relu,  # on the gate and on up (TurboSparse, Bamboo)
     "gelu": nn.gelu,
     "gelu_new": nn.gelu_approx,
     "gelu_pytorch_tanh": nn.gelu_approx,
@@ -29,27 +32,57 @@ class FFNSpec:
     d_ff: int
     glu: bool  # gate_proj present: h = act(gate x) * (up x), else h = act(up x)
     bias: bool
-    activation: str
+    activation: str  # a key of ACTIVATIONS
+    act_threshold: float = 0.0  # FATReLU's threshold
 
-    @property
-    def act(self):
-        return ACTIVATIONS[self.activation]
+    def act(self, x: mx.array) -> mx.array:
+        if self.activation == "fatrelu":  # the authors' FATReLU keeps x >= t (THUNLP's CPM code)
+            return mx.where(x >= self.act_threshold, x, mx.zeros_like(x))
+        return ACTIVATIONS[self.activation](x)
+
+    def hidden(self, gate, up: mx.array) -> mx.array:
+        """The hidden activations from the gate and up projections (gate None without a GLU)."""
+        if not self.glu:
+            return self.act(up)
+        if self.activation == "drelu":
+            up = nn.relu(up)
+        return self.act(gate) * up
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, spec: FFNSpec):
+    """The dense provider, with the checkpoint's weight names (fused: Phi-3's `gate_up_proj`)."""
+
+    def __init__(self, spec: FFNSpec, fused: bool = False):
         super().__init__()
-        self.spec = spec
-        if spec.glu:
+        self.spec, self.fused = spec, fused
+        if fused:
+            self.gate_up_proj = nn.Linear(spec.d_model, 2 * spec.d_ff, bias=spec.bias)
+        elif spec.glu:
             self.gate_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
-        self.up_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
+        if not fused:
+            self.up_proj = nn.Linear(spec.d_model, spec.d_ff, bias=spec.bias)
         self.down_proj = nn.Linear(spec.d_ff, spec.d_model, bias=spec.bias)
 
     def activations(self, x: mx.array) -> mx.array:
         """The FFN's hidden activations (..., d_ff): what sparsity is defined on."""
-        if self.spec.glu:
-            return self.spec.act(self.gate_proj(x)) * self.up_proj(x)
-        return self.spec.act(self.up_proj(x))
+        if self.fused:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            return self.spec.hidden(gate, up)
+        return self.spec.hidden(self.gate_proj(x) if self.spec.glu else None, self.up_proj(x))
+
+    def matrix(self, name: str):
+        """Matrix "gate", "up" or "down" as (weight or (weight, scales, biases), bias or None, source
+        quantization {"group_size", "bits"} or None): the rows of a fused matrix are sliced, which keeps
+        quantized rows exact (they are quantized along d_model)."""
+        if self.fused and name != "down":
+            m, rows = self.gate_up_proj, slice(0, self.spec.d_ff) if name == "gate" else slice(self.spec.d_ff, None)
+        else:
+            m, rows = getattr(self, f"{name}_proj"), slice(None)
+        bias = m.bias[rows] if "bias" in m else None
+        if isinstance(m, nn.QuantizedLinear):
+            return (m.weight[rows], m.scales[rows], m.biases[rows]), bias, {"group_size": m.group_size,
+                                                                           "bits": m.bits}
+        return m.weight[rows], bias, None
 
     def down(self, h: mx.array) -> mx.array:
         """(..., d_ff) activations -> (..., d_model): the second half of the FFN."""
@@ -77,11 +110,11 @@ def bundle_hidden(x: mx.array, spec: FFNSpec, fields: dict, quant=None) -> mx.ar
     if spec.bias:
         up = up + fields["bias"][:, -1]
     if not spec.glu:
-        return spec.act(up)
+        return spec.hidden(None, up)
     gate = _rows_matmul(x, fields["gate"], True, quant)
     if spec.bias:
         gate = gate + fields["bias"][:, 0]
-    return spec.act(gate) * up
+    return spec.hidden(gate, up)
 
 
 def bundle_down(h: mx.array, fields: dict, down_bias, quant=None) -> mx.array:

@@ -1,9 +1,11 @@
-"""OPT decoder (facebook/opt-125m ... opt-66b): the paper's main model family.
+"""OPT decoder (facebook/opt-125m ... opt-66b): the paper's main model family, which mlx-lm lacks.
 
 ReLU FFN with biases, learned positions with OPT's offset of 2, pre-LN (most
 sizes) or post-LN (opt-350m), and project_in/out where word_embed_proj_dim
 differs from hidden_size. Checkpoint keys are kept; `fc1`/`fc2` become
-`mlp.up_proj`/`mlp.down_proj` so every architecture has the same FFN names.
+`mlp.up_proj`/`mlp.down_proj` so every architecture has the same FFN names. In mlx-lm's style
+(ModelArgs, attention, block, model), with its KV cache and masks; the FFN module `mlp` is the
+mode's provider, set by sources.instantiate.
 """
 
 from dataclasses import dataclass
@@ -14,10 +16,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import (
     BaseModelArgs,
     create_attention_mask,
+    scaled_dot_product_attention,
 )
-
-from .base import CausalLM, attend
-from .ffn import DenseFFN, FFNSpec
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (fairseq's padding legacy)
 
@@ -39,13 +39,18 @@ class ModelArgs(BaseModelArgs):
     _remove_final_layer_norm: bool = False
     tie_word_embeddings: bool = True
 
-    @property
-    def ffn_spec(self) -> FFNSpec:
-        return FFNSpec(self.hidden_size, self.ffn_dim, False, self.enable_bias, self.activation_function)
-
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, cache, mask, scale: float) -> mx.array:
+    """Queries (B, H, L, D) against the cached keys and values plus these; returns (B, L, H*D)."""
+    if cache is not None:
+        k, v = cache.update_and_fetch(k, v)
+    out = scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    B, _, L, _ = q.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, H, L, D) -> (B, L, H*D)
 
 
 class Attention(nn.Module):
@@ -76,7 +81,7 @@ class DecoderLayer(nn.Module):
         affine = args.layer_norm_elementwise_affine
         self.self_attn = Attention(args)
         self.self_attn_layer_norm = nn.LayerNorm(args.hidden_size, affine=affine)
-        self.mlp = DenseFFN(args.ffn_spec)
+        self.mlp = nn.Module()  # the FFN provider of the mode (sources.instantiate)
         self.final_layer_norm = nn.LayerNorm(args.hidden_size, affine=affine)
 
     def __call__(self, h: mx.array, mask=None, cache=None) -> mx.array:
@@ -124,12 +129,18 @@ class OPTModel(nn.Module):
         self.decoder = Decoder(args)
 
 
-class Model(CausalLM):
+class Model(nn.Module):
     def __init__(self, args: ModelArgs):
-        super().__init__(args, OPTModel(args), args.word_embed_proj_dim)
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = OPTModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.word_embed_proj_dim, args.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
-        return self.logits(self.model.decoder(inputs, cache, input_embeddings), self.model.decoder.embed_tokens)
+        h = self.model.decoder(inputs, cache, input_embeddings)
+        return self.model.decoder.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
 
     @property
     def layers(self):

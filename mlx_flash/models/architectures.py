@@ -1,0 +1,109 @@
+"""The architectures flash mode runs, in one table: where each one's FFN sits and what it is.
+
+Every model class but OPT's is mlx-lm's own (`mlx_lm.models.<module>`, maintained by its authors):
+the modes take it as it is and replace each layer's FFN module, `layers[i].mlp` in every
+architecture here, with their provider (dense, naive mmap or flash), so attention, norms, RoPE,
+KV caches and the LM head are mlx-lm's code. What a provider needs to know of the FFN is in the
+table: which config keys give its width, activation and biases, and how its weights are named.
+
+Activations, as `FFNSpec.activation` names them (models/ffn.py):
+- "silu" / "gelu..." GLUs: h = act(gate x) * (up x); no neuron is exactly zero, sparsity is a
+  calibrated threshold on |h| (flash/sparsity.py).
+- "relu" (OPT, ReluLLaMA: `hidden_act` "relu" in a llama config), "fatrelu" (ProSparse: x where
+  x >= t, else 0, on the gate; t = `hidden_act_param`), "drelu" (TurboSparse-Mistral, Bamboo: ReLU
+  on both gate and up): most neurons exactly zero; a neuron is active iff its h is not zero, as in
+  the paper.
+
+mlx-lm's Llama MLP computes SiLU whatever `hidden_act` says; ours follows the config, as the
+checkpoint's authors (and transformers) do, so a ReluLLaMA computes ReLU.
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ..errors import FlashError
+from .ffn import FFNSpec
+
+RELU_FAMILY = ("relu", "fatrelu", "drelu")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    module: str  # the module that defines Model and ModelArgs
+    ffn: str = "gate_proj, up_proj, down_proj"  # how the FFN's weights are named (documentation)
+    d_ff: str = "intermediate_size"  # config key: neurons per FFN
+    act_key: str = "hidden_act"  # config key: the FFN's activation
+    act_default: str = "silu"  # without that key (what the model class computes)
+    glu: bool = True  # a gate matrix next to up
+    fused: bool = False  # gate and up in one matrix `gate_up_proj`, gate rows first (Phi-3)
+    bias_key: str = "mlp_bias"  # config key: FFN biases
+    bias_default: bool = False
+    drelu: bool = False  # a "relu" activation applies to up as well as the gate (dReLU)
+    skip: tuple = ()  # checkpoint keys with these parts are not the model's (predictors shipped inside)
+    norms: str = "post_attention_layernorm before"  # the norms around the FFN (documentation)
+
+
+ARCHITECTURES = {
+    "llama": Architecture("mlx_lm.models.llama"),
+    "mistral": Architecture("mlx_lm.models.llama"),  # mlx-lm's own remapping; TurboSparse-Mistral too
+    "qwen2": Architecture("mlx_lm.models.qwen2"),
+    "qwen3": Architecture("mlx_lm.models.qwen3"),
+    "gemma3_text": Architecture("mlx_lm.models.gemma3_text", act_key="hidden_activation",
+                                act_default="gelu_pytorch_tanh",  # GeGLU
+                                norms="pre_feedforward_layernorm before, post_feedforward_layernorm after"),
+    "phi3": Architecture("mlx_lm.models.phi3", ffn="gate_up_proj (gate rows, then up rows), down_proj",
+                         fused=True),
+    "olmo2": Architecture("mlx_lm.models.olmo2", norms="none before, post_feedforward_layernorm after"),
+    # ProSparse-Llama-2 (SparseLLM/prosparse-llama-2-7b, remote code): a Llama with "hidden_act": "fatrelu"
+    # and its threshold in "hidden_act_param" (0.01)
+    "sparsellama": Architecture("mlx_lm.models.llama"),
+    # Bamboo and TurboSparse-Mistral (PowerInfer/*, remote code): a Mistral whose MLP is
+    # down(relu(gate x) * relu(up x)); TurboSparse ships its own predictors inside the MLP
+    "bamboo": Architecture("mlx_lm.models.llama", act_default="relu", drelu=True, skip=(".mlp.predictor.",)),
+    "granite": Architecture("mlx_lm.models.granite", norms="post_attention_layernorm before; residual_multiplier"),
+    "opt": Architecture("mlx_flash.models.opt", ffn="fc1, fc2 (renamed up_proj, down_proj)", d_ff="ffn_dim",
+                        act_key="activation_function", act_default="relu", glu=False, bias_key="enable_bias",
+                        bias_default=True, norms="final_layer_norm before (pre-LN) or after (post-LN)"),
+}
+
+
+def architecture(config: dict) -> Architecture:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise FlashError(f"model type '{model_type}' is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[model_type]
+
+
+def model_classes(config: dict):
+    """(Model, ModelArgs) for a config: mlx-lm's classes, or ours where mlx-lm has none."""
+    module = importlib.import_module(architecture(config).module)
+    return module.Model, module.ModelArgs
+
+
+def activation(config: dict) -> Tuple[str, float]:
+    """The FFN's activation as FFNSpec names it, and FATReLU's threshold (0 for the others)."""
+    arch = architecture(config)
+    act = config.get(arch.act_key) or arch.act_default
+    if act == "fatrelu":  # ProSparse: `hidden_act_param` is the threshold below which values are zeroed
+        return act, float(config.get("hidden_act_param", 0.0))
+    if act == "relu" and arch.drelu:
+        return "drelu", 0.0
+    return act, 0.0
+
+
+def ffn_spec(config: dict) -> FFNSpec:
+    arch = architecture(config)
+    act, threshold = activation(config)
+    d_model = config["hidden_size"]
+    return FFNSpec(d_model, config[arch.d_ff], arch.glu, bool(config.get(arch.bias_key, arch.bias_default)),
+                   act, threshold)
+
+
+def supported_activation(spec: FFNSpec) -> Optional[str]:
+    """None, or why the FFN's activation cannot run."""
+    from .ffn import ACTIVATIONS
+
+    if spec.activation not in ACTIVATIONS:
+        return f"FFN activation '{spec.activation}' is not supported (supported: {', '.join(sorted(ACTIVATIONS))})"
+    return None
