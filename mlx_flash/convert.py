@@ -55,12 +55,20 @@ def _dequantize(w, q):
     return mx.dequantize(*w, group_size=q["group_size"], bits=q["bits"]) if q else w
 
 
-def ffn_fields(mlp, glu: bool, quant, dtype):
-    """Bundle fields of one layer: {name: (d_ff, d_model) array or quantized triple}, plus requant error.
+def _relative_error(fields, dense, group_size: int, bits: int) -> float:
+    back = mx.dequantize(*fields, group_size=group_size, bits=bits)
+    return (mx.linalg.norm((back - dense).astype(mx.float32)) / mx.linalg.norm(dense.astype(mx.float32))).item()
 
-    quant: bundles' {"bits", "group_size"} or None for float bundles of `dtype`.
+
+def ffn_fields(mlp, glu: bool, quant, dtype):
+    """Bundle fields of one layer: {name: (d_ff, d_model) array or quantized triple}, and the relative
+    error of each matrix quantized here ({name: error}), measured against the source's own weights.
+
+    quant: bundles' {"bits", "group_size"} or None for float bundles of `dtype`. Gate and up rows of a
+    source quantized the same way are copied bit for bit; the down projection's columns are quantized
+    along d_model here whatever the source (a row-quantized matrix's columns are not contiguous).
     """
-    fields, err, biases = {}, None, []
+    fields, errors, biases = {}, {}, []
     for name in (["gate"] if glu else []) + ["up", "down"]:
         w, bias, src_q = mlp.matrix(name)
         if name != "down":
@@ -76,12 +84,25 @@ def ffn_fields(mlp, glu: bool, quant, dtype):
             continue
         bits = quant.get(f"{name}_bits", quant["bits"])
         fields[name] = tuple(mx.quantize(mx.contiguous(dense), group_size=quant["group_size"], bits=bits))
-        if name == "down":  # what requantizing along d_model costs, relative to the source's own weights
-            back = mx.dequantize(*fields[name], group_size=quant["group_size"], bits=bits)
-            err = (mx.linalg.norm((back - dense).astype(mx.float32)) / mx.linalg.norm(dense.astype(mx.float32))).item()
+        if name == "down" or src_q is not None:  # a float gate/up quantized by --quantize is not a requantization
+            errors[name] = _relative_error(fields[name], dense, quant["group_size"], bits)
     if mlp.spec.bias:
         fields["bias"] = mx.stack(biases, axis=1).astype(dtype)  # (d_ff, 2) or (d_ff, 1)
-    return fields, err
+    return fields, errors
+
+
+def requantization_report(errors: list) -> dict:
+    """flash.json's record of what quantizing the bundles here cost: per matrix, per layer."""
+    down = [e["down"] for e in errors if "down" in e]
+    out = {}
+    if down:
+        out.update({"down_relative_error_mean": float(np.mean(down)), "down_relative_error_max": float(np.max(down)),
+                    "per_layer": [round(e, 6) for e in down]})
+    for name in ("gate", "up"):  # a source whose groups or bits differ from the bundles' in some layers
+        layers = {l: e[name] for l, e in enumerate(errors) if name in e}
+        if layers:
+            out[f"{name}_requantized"] = {str(l): round(v, 6) for l, v in layers.items()}
+    return out or None
 
 
 def pack_layer(fields: dict, layout: BundleLayout, d_ff: int) -> np.ndarray:
@@ -215,11 +236,7 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         del net, layer  # the resident weights below are the last references to what is left
         mx.save_safetensors(str(tmp / RESIDENT_FILE), resident, metadata={"format": "mlx-flash"})
         copy_tokenizer(src.tokenizer_dir, tmp)
-        requant = None
-        if any(e is not None for e in errors):
-            requant = {"down_relative_error_mean": float(np.mean(errors)),
-                       "down_relative_error_max": float(np.max(errors)),
-                       "per_layer": [round(e, 6) for e in errors]}
+        requant = requantization_report(errors)
         cfg = FlashConfig(
             architecture=config["model_type"], model_config=config, d_model=spec.d_model, d_ff=spec.d_ff,
             n_layers=n_layers, glu=spec.glu, bias=spec.bias, activation=spec.activation, dtype=dtype,
@@ -241,6 +258,11 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         if requant:
             print(f"down projection requantized along d_model: relative error "
                   f"{requant['down_relative_error_mean']:.4f} (mean), {requant['down_relative_error_max']:.4f} (max)")
+        for name in ("gate", "up"):
+            if f"{name}_requantized" in (requant or {}):
+                errs = requant[f"{name}_requantized"]
+                print(f"{name} rows requantized to the bundles' {quant['bits']} bits, group {quant['group_size']} in "
+                      f"{len(errs)} layers whose source differs: relative error {max(errs.values()):.4f} (max)")
     return out
 
 

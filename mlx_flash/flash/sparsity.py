@@ -1,6 +1,7 @@
 """Which FFN neurons are active, measured on text (paper Section 3.1, DESIGN "Sparsity").
 
-- ReLU models (OPT, ReluLLaMA, ProSparse): neuron j is active iff its activation > 0.
+- ReLU-family models (OPT and ReluLLaMA: ReLU; ProSparse: FATReLU; TurboSparse, Bamboo: dReLU):
+  neuron j is active iff its hidden activation is not zero, as the paper counts it.
 - Other GLU models (SmolLM2, Llama 3): active iff |act(gate_j x) * up_j x| > t_l, with
   one threshold per layer calibrated on text for a target sparsity.
 
@@ -18,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import FlashError
+from ..models.architectures import RELU_FAMILY
 
 DATA = Path(__file__).resolve().parent.parent / "data"  # mlx_flash/data
 CALIBRATION_TEXT = DATA / "calibration.txt"
@@ -25,7 +27,8 @@ HELDOUT_TEXT = DATA / "heldout.txt"
 
 
 def is_relu(activation: str) -> bool:
-    return activation == "relu"
+    """Whether inactive neurons are exactly zero (the ReLU family), so sparsity needs no threshold."""
+    return activation in RELU_FAMILY
 
 
 def read_texts(paths: Optional[List[str]]) -> str:
