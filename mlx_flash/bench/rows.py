@@ -34,7 +34,7 @@ import numpy as np
 
 from ..baselines import DEFAULT_SHARE, attach_baseline, attach_dense_timed
 from ..errors import FlashError
-from ..flash.attach import attach_flash, plan_flash, resident_facts, trained_predictors
+from ..flash.attach import attach_flash, plan_flash, resident_facts, smallest_budget, trained_predictors
 from ..flash.budget import DEFAULT_PREFILL_STEP, DEFAULT_THREADS, model_bytes
 from ..flash.neuron_cache import NeuronCache
 from ..format import FlashConfig
@@ -150,15 +150,7 @@ def min_flash_budget(s: Setup) -> int:
     """The smallest budget flash mode's plan accepts (bisection over flash.attach.plan_flash)."""
     clear(s)
     predictors, _ = trained_predictors(s.folder, s.cfg, s.recall)
-    lo, hi = 0, 4 * model_bytes(s.folder, s.cfg) + s.cfg.n_layers * s.cfg.d_ff * s.cfg.layout.stride
-    while lo < hi:
-        mid = (lo + hi) // 2
-        try:
-            plan_flash(s.model, s.folder, s.cfg, s.down_bias, predictors, mid, s.window, s.context, recall=s.recall)
-            hi = mid
-        except FlashError:
-            lo = mid + 1
-    return lo
+    return smallest_budget(s.model, s.folder, s.cfg, s.down_bias, predictors, s.window, s.context, s.recall)
 
 
 def clear(s: Setup):

@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten
 
 from ..errors import FlashError
 from ..format import FlashConfig
-from .budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, Plan, plan, predictor_level
+from .budget import (DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, Plan, model_bytes, plan,
+                     predictor_level)
 from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
 from .neuron_cache import NeuronBuffer, NeuronCache
@@ -74,6 +75,20 @@ def plan_flash(model, folder: Path, cfg: FlashConfig, down_bias, predictors, dra
                           for _, v in tree_flatten(p.parameters()))
     return plan(folder, cfg, resident, predictor_bytes, dram_budget, window, max_kv_size, slots, recall, transient,
                 prefill_step, item, prefetch)
+
+
+def smallest_budget(model, folder: Path, cfg: FlashConfig, down_bias, predictors, window=None,
+                    max_kv_size: int = DEFAULT_MAX_KV_SIZE, recall: Optional[float] = None) -> int:
+    """The smallest DRAM budget flash mode's plan accepts (bisection over plan_flash)."""
+    lo, hi = 0, 4 * model_bytes(folder, cfg) + cfg.n_layers * cfg.d_ff * cfg.layout.stride
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            plan_flash(model, folder, cfg, down_bias, predictors, mid, window, max_kv_size, recall=recall)
+            hi = mid
+        except FlashError:
+            lo = mid + 1
+    return lo
 
 
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
