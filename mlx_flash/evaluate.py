@@ -13,7 +13,8 @@ the next input is the text's token, not the model's). Per recall level:
   of positions where flash's most likely next token is dense's) and the mean
   KL(dense || flash) per token, the first tokens' apart;
 - the FFN layer whose output strays furthest from dense's on the same input
-  (mean relative error), which finds a missed neuron's layer;
+  (mean relative error), which finds a missed neuron's layer, and the share of the FFN truly
+  active per token (not zero, in a ReLU-family model) beside the share flash predicts;
 - `--greedy` tokens decoded greedily from a few plain and chat prompts: identical
   to dense's, or where they part and by what margin dense chose there.
 """
@@ -88,20 +89,27 @@ def perplexity(logprobs: np.ndarray, ids: np.ndarray) -> float:
 
 class LayerError(nn.Module):
     """Stands in for a flash layer's FFN: runs it, and the dense FFN on the same input, and keeps
-    the relative error of the flash output per token (a host sync more per layer: timings are off)."""
+    the relative error of the flash output per token and the share of the layer's neurons truly
+    active there (|h| > t_l: not zero in a ReLU-family model), a host sync more per layer: timings are off."""
 
-    def __init__(self, flash, dense):
+    def __init__(self, flash, dense, t: float = 0.0):
         super().__init__()
-        self.flash, self.dense, self.errors = flash, dense, []
+        self.flash, self.dense, self.t, self.errors, self.active = flash, dense, t, [], []
 
     def __call__(self, x):
-        y, want = self.flash(x), self.dense(x)
+        h = self.dense.activations(x)
+        y, want = self.flash(x), self.dense.down(h)
         err = mx.linalg.norm((y - want).astype(mx.float32), axis=-1) / mx.linalg.norm(want.astype(mx.float32), axis=-1)
+        active = (mx.abs(h) > self.t).astype(mx.float32).mean(axis=-1)
         self.errors.append(np.array(err).ravel())
+        self.active.append(np.array(active).ravel())
         return y
 
     def mean(self) -> float:
         return float(np.mean(np.concatenate(self.errors))) if self.errors else 0.0
+
+    def active_share(self) -> float:
+        return float(np.mean(np.concatenate(self.active))) if self.active else 0.0
 
 
 def compare(sets_dense: dict, sets_flash: dict, sets_ids: dict) -> dict:
@@ -200,7 +208,8 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
             model, cfg = load_flash(folder, "flash", **load_opts)
             probes = None
             if dense_ffns is not None:
-                probes = [LayerError(layer.mlp, d) for layer, d in zip(model.layers, dense_ffns)]
+                ts = cfg.predictors["activation_threshold"]
+                probes = [LayerError(layer.mlp, d, t) for layer, d, t in zip(model.layers, dense_ffns, ts)]
                 for layer, probe in zip(model.layers, probes):
                     layer.mlp = probe
             t0 = time.perf_counter()
@@ -208,7 +217,7 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
                 lp = {k: [stepwise_logprobs(model, s, bar) for s in v] for k, v in ids.items()}
             level = "oracle" if opts.get("oracle") else opts.get("recall") or cfg.predictors["target_recall"]
             r = {"options": opts, "recall": level, "window": model.flash_plan.window,
-                 "sparsity_target": cfg.predictors.get("sparsity_target"),
+                 "sparsity_target": cfg.predictors.get("sparsity_target"), "activation": cfg.activation,
                  "pinned": sum(map(len, cfg.predictors.get("pinned") or [])),
                  "perplexity": perplexity(lp["long"][0], ids["long"][0]), "seconds": time.perf_counter() - t0,
                  "stats": model.flash_stats.snapshot(), "plan": model.flash_plan.to_dict()}
@@ -217,6 +226,9 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
                 r.update({k: r["sets"]["long"][k] for k in ("perplexity_vs_dense", "agreement", "kl_mean")})
             if probes is not None:
                 r["layer_rel_err"] = [p.mean() for p in probes]
+                # the share of the FFN truly active per token (not zero in a ReLU-family model), next to
+                # the share flash predicts (stats' ffn_share_predicted): the paper's Table 2 pair
+                r["ffn_share_active"] = float(np.mean([p.active_share() for p in probes]))
                 worst = int(np.argmax(r["layer_rel_err"]))
                 r["worst_layer"] = {"layer": worst, "rel_err_mean": r["layer_rel_err"][worst]}
                 for layer, probe in zip(model.layers, probes):
@@ -231,14 +243,14 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
 
 def markdown(r: dict) -> str:
     """The README's quality table: the held-out text, then the sequence starts, then greedy decoding."""
-    rows = ["| mode | sparsity | recall | window | pinned | FFN predicted | FFN held | MB read/token | perplexity | "
-            "vs dense | agreement | KL | starts: vs dense | agreement | KL, first token | worst FFN layer | "
-            "greedy = dense |", "|" + " --- |" * 17]
+    rows = ["| mode | sparsity | recall | window | pinned | FFN active | FFN predicted | FFN held | MB read/token | "
+            "perplexity | vs dense | agreement | KL | starts: vs dense | agreement | KL, first token | worst FFN layer | "
+            "greedy = dense |", "|" + " --- |" * 18]
     if "dense" in r:
-        rows.append(f"| dense | - | - | - | - | 100% | 100% | 0 | {r['dense']['perplexity']:.3f} |" + " - |" * 8)
+        rows.append(f"| dense | - | - | - | - | - | 100% | 100% | 0 | {r['dense']['perplexity']:.3f} |" + " - |" * 8)
     for f in r["flash"]:
         s = f["stats"]
-        sp = f"{f['sparsity_target']:.0%}" if f["sparsity_target"] else "ReLU"
+        sp = f"{f['sparsity_target']:.0%}" if f["sparsity_target"] else f"{f.get('activation', 'relu')}: h = 0"
         long, st = f.get("sets", {}).get("long"), f.get("sets", {}).get("starts")
         cols = [f"{long['perplexity_vs_dense']:+.1%}", f"{long['agreement']:.1%}", f"{long['kl_mean']:.4f}"] \
             if long else ["-"] * 3
@@ -248,7 +260,9 @@ def markdown(r: dict) -> str:
         cols.append(f"{w['layer']} ({w['rel_err_mean']:.3f})" if w else "-")
         g = f.get("greedy")
         cols.append(f"{g['identical']}/{g['prompts']}" if g else "-")
-        rows.append(f"| flash | {sp} | {f['recall']} | {f['window']} | {f['pinned']} | {s['ffn_share_predicted']:.1%} | "
+        active = f"{f['ffn_share_active']:.1%}" if "ffn_share_active" in f else "-"
+        rows.append(f"| flash | {sp} | {f['recall']} | {f['window']} | {f['pinned']} | {active} | "
+                    f"{s['ffn_share_predicted']:.1%} | "
                     f"{s['ffn_share_resident']:.1%} | {s['bytes_read_per_token'] / 1e6:.2f} | {f['perplexity']:.3f} | "
                     + " | ".join(cols) + " |")
     return "\n".join(rows)

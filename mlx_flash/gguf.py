@@ -1,21 +1,51 @@
 """Read a llama.cpp GGUF file as a Hugging Face-style config, weights and tokenizer.
 
-`mx.load` reads GGUF natively: Q4_0/Q4_1/Q8_0 tensors arrive as MLX affine
-quantized triples (weight, scales, biases) with groups of 32. What is left is
-naming, the config, the tokenizer stored in the metadata, and the Q/K row
-permutation llama.cpp applies for its interleaved RoPE.
+What each tensor type becomes in `load_gguf`'s weights (HF names):
+
+- Q4_0, Q4_1, Q8_0: quantized, as mlx-lm's affine triple (`.weight` packed in uint32, `.scales` and
+  `.biases` in float16, groups of 32), bit for bit what `mx.load` makes of them, and listed in the
+  config's `quantization`.
+- F32, F16, BF16: as stored.
+- Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1: dequantized to float16 by MLX ops on the raw blocks,
+  lazily: a tensor is expanded only when it is evaluated (convert does that one layer at a time).
+- any other type gguf-py can dequantize (IQ*, TQ*, MXFP4, ...): dequantized to float16 by its numpy
+  code while the file is read, so held whole.
+
+A source whose FFN matrices arrive dequantized converts as a float model: its bundles are float16
+unless convert's --quantize requantizes them.
+
+Memory: the raw tensor bytes are read whole (about the file's size, which is what convert's budget
+counts for a GGUF); a dequantized tensor exists only once evaluated.
+
+Why not `mx.load`, which reads GGUF: it refuses a whole file holding one Q3_K, Q5_K, Q5_0, Q5_1 or
+IQ tensor, and returns wrong values for Q4_K. Why not gguf-py's GGUFReader for the header: it takes
+~12 s on Gemma 3's 262k-token vocabulary, `_read_table` ~0.3 s.
+
+Architectures (`general.architecture`), and what llama.cpp's convert_hf_to_gguf.py did that is
+undone here:
+- llama: Q/K rows permuted for llama.cpp's interleaved RoPE.
+- qwen2, qwen3: nothing (NEOX RoPE is HF's order).
+- gemma3: every `*norm.weight` stored + 1 (HF's Gemma3RMSNorm multiplies by 1 + w). What the GGUF
+  does not store, llama.cpp fixes and so do we: sliding-window pattern 6, local RoPE base 10000,
+  query scale 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B).
 """
 
+import mmap
+import struct
 from pathlib import Path
 from typing import Dict, Tuple
 
 import mlx.core as mx
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import FlashError
 
-GGUF_GROUP_SIZE = 32
+GGUF_GROUP_SIZE = 32  # weights per Q4_0/Q4_1/Q8_0 block: one scale and one bias each
+DEQUANT_DTYPE = mx.float16  # what the other quantized types are expanded to
+SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3")
 
-_NAMES = {
+_COMMON_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
@@ -23,26 +53,248 @@ _NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_LLAMA_NAMES = {**_COMMON_NAMES, "ffn_norm": "post_attention_layernorm"}
+_NAMES = {
+    "llama": _LLAMA_NAMES,
+    "qwen2": _LLAMA_NAMES,
+    "qwen3": _LLAMA_NAMES,
+    "gemma3": {**_COMMON_NAMES, "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+}
 
 
-def _hf_name(name: str) -> str:
+# --- the file's table of contents (GGUF v2/v3, little-endian) ------------------------------------
+
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+            11: "<i8", 12: "<f8"}  # metadata value type -> numpy dtype
+_STRING, _ARRAY = 8, 9
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+def _read_table(buf) -> Tuple[dict, Dict[str, Tuple[int, tuple, int]]]:
+    """(metadata, {tensor name: (ggml type, shape in MLX order, absolute byte offset)})."""
+    pos = 0
+
+    def u32():
+        nonlocal pos
+        pos += 4
+        return _U32.unpack_from(buf, pos - 4)[0]
+
+    def u64():
+        nonlocal pos
+        pos += 8
+        return _U64.unpack_from(buf, pos - 8)[0]
+
+    def string():
+        nonlocal pos
+        n = u64()
+        if pos + n > len(buf):
+            raise ValueError("a string runs past the end of the file")
+        pos += n
+        return buf[pos - n:pos].decode("utf-8", errors="replace")
+
+    def value(kind):
+        nonlocal pos
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            kind, n = u32(), u64()
+            if kind == _STRING:
+                return [string() for _ in range(n)]
+            if kind not in _SCALARS:
+                raise ValueError(f"metadata array of type {kind} is not supported")
+            a = np.frombuffer(buf, _SCALARS[kind], n, pos).copy()  # a copy: the file can close
+            pos += a.nbytes
+            return a
+        if kind not in _SCALARS:
+            raise ValueError(f"metadata value of type {kind} is not supported")
+        a = np.frombuffer(buf, _SCALARS[kind], 1, pos)
+        pos += a.nbytes
+        return a[0].item()
+
+    if buf[:4] != b"GGUF":
+        raise ValueError("it does not start with the GGUF magic")
+    pos = 4
+    version = u32()
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3, little-endian)")
+    n_tensors, n_kv = u64(), u64()
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(u32())
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [u64() for _ in range(u32())]  # ggml order: the fastest-varying dimension first
+        infos.append((name, u32(), tuple(reversed(dims)), u64()))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-pos // align) * align
+    return meta, {name: (kind, shape, start + offset) for name, kind, shape, offset in infos}
+
+
+# --- tensor types ---------------------------------------------------------------------------------
+
+def _f16(b: mx.array, i: int) -> mx.array:
+    """The float16 at byte i of each block, as float32: (n_blocks, 1)."""
+    return mx.view(b[:, i:i + 2], mx.float16).astype(mx.float32)
+
+
+def _bits(x: mx.array, shifts, mask: int, group: int) -> mx.array:
+    """Unpack fields: (n, k * group) bytes -> (n, k, len(shifts), group), each byte >> shift & mask."""
+    x = x.reshape(x.shape[0], -1, 1, group) >> mx.array(shifts, mx.uint8).reshape(1, 1, -1, 1)
+    return x & mask
+
+
+def _nibbles(qs: mx.array) -> mx.array:
+    """32 weights from the 16 bytes of a Q4_0/Q4_1/Q5 block: low nibbles first, then high: (n, 32)."""
+    return _bits(qs, (0, 4), 0xF, 16).reshape(qs.shape[0], 32)
+
+
+def _pack4(q: mx.array) -> mx.array:
+    """(n, 32) 4-bit values -> MLX's packing, value i at bits 4 * (i % 8) of uint32 i // 8: (n, 4)."""
+    q = q.reshape(q.shape[0], 16, 2)
+    return mx.view(q[..., 0] | (q[..., 1] << 4), mx.uint32)
+
+
+def _q4_0(b):  # (n, 18): d, 16 bytes of nibbles; w = d * (q - 8)
+    d = mx.view(b[:, 0:2], mx.float16)
+    return _pack4(_nibbles(b[:, 2:])), d, d * -8
+
+
+def _q4_1(b):  # (n, 20): d, m, 16 bytes of nibbles; w = d * q + m
+    return _pack4(_nibbles(b[:, 4:])), mx.view(b[:, 0:2], mx.float16), mx.view(b[:, 2:4], mx.float16)
+
+
+def _q8_0(b):  # (n, 34): d, 32 int8; w = d * q = d * (q + 128) - 128 d
+    d = mx.view(b[:, 0:2], mx.float16)
+    return mx.view(b[:, 2:] ^ 0x80, mx.uint32), d, d * -128
+
+
+def _q5(b, offset):  # Q5_0/Q5_1 quants: 32 high bits (a uint32), then 16 bytes of low nibbles
+    qh = (mx.view(b[:, offset:offset + 4], mx.uint32) >> mx.arange(32, dtype=mx.uint32)) & 1
+    return _nibbles(b[:, offset + 4:]) | (qh.astype(mx.uint8) << 4)
+
+
+def _q5_0(b):  # (n, 22): d, quants; w = d * (q - 16)
+    return _f16(b, 0) * (_q5(b, 2).astype(mx.int8) - 16).astype(mx.float32)
+
+
+def _q5_1(b):  # (n, 24): d, m, quants; w = d * q + m
+    return _f16(b, 0) * _q5(b, 4).astype(mx.float32) + _f16(b, 2)
+
+
+def _scale_min_k4(s):
+    """Q4_K/Q5_K: 8 6-bit scales and 8 6-bit mins packed in 12 bytes: (n, 8) each."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = mx.concatenate([d & 0x3F, (md & 0xF) | ((d >> 2) & 0x30)], axis=1)
+    mn = mx.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return sc.astype(mx.float32), mn.astype(mx.float32)
+
+
+def _q2_k(b):  # (n, 84): 16 scale/min bytes, 64 bytes of 2-bit quants, d, dmin; 16 groups of 16
+    n = b.shape[0]
+    s = b[:, :16]
+    dl = (_f16(b, 80) * (s & 0xF).astype(mx.float32)).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (s >> 4).astype(mx.float32)).reshape(n, 16, 1)
+    q = _bits(b[:, 16:80], (0, 2, 4, 6), 3, 32).reshape(n, 16, 16).astype(mx.float32)
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _q3_k(b):  # (n, 110): 32 bytes of high bits, 64 bytes of 2-bit quants, 12 bytes of scales, d
+    n = b.shape[0]
+    lo = _bits(b[:, 96:104], (0, 4), 0xF, 8).reshape(n, 16)
+    hi = _bits(b[:, 104:108], (0, 2, 4, 6), 3, 4).reshape(n, 16)
+    scales = ((lo | (hi << 4)).astype(mx.int8) - 32).astype(mx.float32)
+    dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    ql = _bits(b[:, 32:96], (0, 2, 4, 6), 3, 32).reshape(n, 16, 16)
+    qh = _bits(b[:, :32], tuple(range(8)), 1, 32).reshape(n, 16, 16) ^ 1  # a set bit means no -4
+    q = (ql.astype(mx.int8) - (qh << 2).astype(mx.int8)).astype(mx.float32)
+    return (dl * q).reshape(n, 256)
+
+
+def _q4_k(b):  # (n, 144): d, dmin, 12 bytes of scales/mins, 128 bytes of nibbles; 8 groups of 32
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b, 0) * sc).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
+    q = _bits(b[:, 16:], (0, 4), 0xF, 32).reshape(n, 8, 32).astype(mx.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q5_k(b):  # (n, 176): d, dmin, 12 bytes of scales/mins, 32 bytes of high bits, 128 of nibbles
+    n = b.shape[0]
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    d = (_f16(b, 0) * sc).reshape(n, 8, 1)
+    dm = (_f16(b, 2) * mn).reshape(n, 8, 1)
+    ql = _bits(b[:, 48:], (0, 4), 0xF, 32).reshape(n, 8, 32)
+    qh = _bits(b[:, 16:48], tuple(range(8)), 1, 32).reshape(n, 8, 32)
+    q = (ql | (qh << 4)).astype(mx.float32)
+    return (d * q - dm).reshape(n, 256)
+
+
+def _q6_k(b):  # (n, 210): 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d; 16 x 16
+    n = b.shape[0]
+    d = (_f16(b, 208) * mx.view(b[:, 192:208], mx.int8).astype(mx.float32)).reshape(n, 16, 1)
+    ql = _bits(b[:, :128], (0, 4), 0xF, 64).reshape(n, 8, 32)
+    qh = _bits(b[:, 128:192], (0, 2, 4, 6), 3, 32).reshape(n, 8, 32)
+    q = ((ql | (qh << 4)).astype(mx.int8) - 32).reshape(n, 16, 16).astype(mx.float32)
+    return (d * q).reshape(n, 256)
+
+
+_QUANTIZED = {T.Q4_0: (_q4_0, 4), T.Q4_1: (_q4_1, 4), T.Q8_0: (_q8_0, 8)}  # -> affine triple, bits
+_DEQUANT = {T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k,
+            T.Q6_K: _q6_k}  # blocks (n, bytes) -> float32 (n, block size)
+_FLOATS = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
+
+
+def _tensor(buf, name: str, kind: int, shape: tuple, offset: int):
+    """One tensor: an MLX array, or (weight, scales, biases) for the types MLX keeps quantized."""
+    try:
+        kind = T(kind)
+        block, size = GGML_QUANT_SIZES[kind]
+    except (ValueError, KeyError):
+        raise ValueError(f"tensor {name} has an unknown type {kind}")
+    if shape[-1] % block:
+        raise ValueError(f"tensor {name}'s rows ({shape[-1]}) are not whole {kind.name} blocks")
+    rows = int(np.prod(shape[:-1]))
+    nbytes = rows * shape[-1] // block * size
+    if offset + nbytes > len(buf):
+        raise ValueError(f"tensor {name} runs past the end of the file (an incomplete download?)")
+    raw = np.frombuffer(buf, np.uint8, nbytes, offset)
+    if kind in _FLOATS:
+        return mx.view(mx.array(raw), _FLOATS[kind]).reshape(shape)
+    blocks = mx.array(raw).reshape(-1, size)  # (n_blocks, bytes per block)
+    if kind in _QUANTIZED:
+        return tuple(a.reshape(*shape[:-1], -1) for a in _QUANTIZED[kind][0](blocks))
+    if kind in _DEQUANT:
+        return _DEQUANT[kind](blocks).astype(DEQUANT_DTYPE).reshape(shape)
+    from gguf.quants import dequantize
+
+    try:
+        w = dequantize(raw.reshape(rows, -1), kind)
+    except NotImplementedError:
+        raise ValueError(f"tensor {name} is {kind.name}, which gguf-py cannot dequantize")
+    return mx.array(w.astype(np.float16)).astype(DEQUANT_DTYPE).reshape(shape)
+
+
+# --- names, config, tokenizer ---------------------------------------------------------------------
+
+def _hf_name(name: str, names: dict) -> str:
     parts = name.split(".")
-    if parts[0] == "blk":  # blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight
-        return f"model.layers.{parts[1]}.{_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_NAMES[parts[0]]}.{parts[1]}"
-
-
-def _scalar(meta, key, default=None):
-    v = meta.get(key, default)
-    if isinstance(v, mx.array):
-        v = v.item()
-    return v
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        # blk.N.attn_q.weight -> model.layers.N.self_attn.q_proj.weight
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in names and not parts[0].startswith(("attn_", "ffn_")):
+        return f"{names[parts[0]]}.{parts[1]}"
+    return None
 
 
 def _unpermute(w: mx.array, n_heads: int) -> mx.array:
@@ -56,71 +308,137 @@ def _unpermute(w: mx.array, n_heads: int) -> mx.array:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+def _one(v, what: str) -> int:
+    """A per-model integer that some GGUFs store per layer."""
+    if isinstance(v, np.ndarray):
+        if len(set(v.tolist())) != 1:
+            raise FlashError(f"the GGUF's {what} differs between layers, which is not supported")
+        v = v[0]
+    return int(v)
+
+
+def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
+    required = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
+    missing = [k for k in required if f"{arch}.{k}" not in meta]
+    if missing:
+        raise FlashError(f"{path}: the GGUF metadata lacks {arch}.{missing[0]}")
+
+    def g(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    gemma = arch == "gemma3"
+    hidden, n_layers = int(g("embedding_length")), int(g("block_count"))
+    n_heads = _one(g("attention.head_count"), "attention head count")
+    head_dim = int(g("attention.key_length", hidden // n_heads))
+    embed = shapes.get("token_embd.weight")
+    config = {
+        "model_type": "gemma3_text" if gemma else arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": n_layers,
+        "intermediate_size": _one(g("feed_forward_length"), "FFN size"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": _one(g("attention.head_count_kv", n_heads), "KV head count"),
+        # stored as float32: 1e-5 arrives as 9.99999974e-06
+        "rms_norm_eps": float(f'{g("attention.layer_norm_rms_epsilon", 1e-5 if arch == "llama" else 1e-6):.6g}'),
+        "vocab_size": embed[0] if embed else int(g("vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "rope_theta": float(g("rope.freq_base", 10000.0 if arch == "llama" else 1e6)),
+        "max_position_embeddings": int(g("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in shapes,
+    }
+    if arch == "llama":
+        config["hidden_act"] = "silu"
+    if arch != "qwen2" and f"{arch}.attention.key_length" in meta:
+        config["head_dim"] = head_dim
+    if arch == "qwen2" and head_dim * n_heads != hidden:
+        raise FlashError(f"{path}: a qwen2 GGUF whose head size is not hidden / heads is not supported")
+    if arch == "qwen3":
+        config["head_dim"] = head_dim
+    if gemma:
+        config["head_dim"] = head_dim
+        config["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
+        config["rope_local_base_freq"] = 10000.0
+        window = g("attention.sliding_window")
+        config["sliding_window"] = int(window or 512)
+        pattern = g("attention.sliding_window_pattern")  # per-layer "is sliding", where stored
+        if window is None:
+            config["sliding_window_pattern"] = 1  # every layer global
+        elif isinstance(pattern, np.ndarray) and not pattern.all():
+            config["sliding_window_pattern"] = int(np.argmin(pattern)) + 1
+        else:
+            config["sliding_window_pattern"] = 6
+
+    kind = g("rope.scaling.type", "linear" if g("rope.scale_linear", 1.0) != 1.0 else None)
+    if kind in ("linear", "yarn"):
+        config["rope_scaling"] = {"type": kind, "factor": float(g("rope.scaling.factor", g("rope.scale_linear")))}
+        if kind == "yarn":
+            original = g("rope.scaling.original_context_length", config["max_position_embeddings"])
+            config["rope_scaling"]["original_max_position_embeddings"] = int(original)
+    elif kind not in (None, "none"):
+        raise FlashError(f"{path}: GGUF RoPE scaling '{kind}' is not supported (supported: linear, yarn)")
+    return config
+
+
 def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
     """Returns (config, weights with HF names, tokenizer metadata)."""
     try:
-        weights, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # mlx raises RuntimeError/ValueError with the C++ message
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        meta, table = _read_table(buf)
+    except (OSError, ValueError, struct.error, IndexError, OverflowError) as e:
         raise FlashError(f"cannot read GGUF file {path}: {e}")
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise FlashError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama)")
-
-    required = ("embedding_length", "block_count", "feed_forward_length", "attention.head_count")
-    missing = [k for k in required if f"llama.{k}" not in meta]
-    if missing:
-        raise FlashError(f"{path}: the GGUF metadata lacks llama.{missing[0]}")
-    g = lambda k, d=None: _scalar(meta, f"llama.{k}", d)
-    n_heads, n_kv = int(g("attention.head_count")), int(g("attention.head_count_kv", g("attention.head_count")))
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
+    if arch not in SUPPORTED:
+        raise FlashError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED)})")
+    if not meta.get("tokenizer.ggml.tokens"):
         raise FlashError(f"{path}: the GGUF file has no tokenizer in its metadata")
-    config = {
-        "model_type": "llama",
-        "hidden_size": int(g("embedding_length")),
-        "num_hidden_layers": int(g("block_count")),
-        "intermediate_size": int(g("feed_forward_length")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "rms_norm_eps": float(f'{g("attention.layer_norm_rms_epsilon", 1e-5):.6g}'),  # stored as float32
-        "vocab_size": int(g("vocab_size", len(tokens))),
-        "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(g("context_length", 2048)),
-        "hidden_act": "silu",
-        "tie_word_embeddings": "output.weight" not in weights,
-    }
+    config = _config(arch, meta, {name: shape for name, (_, shape, _) in table.items()}, path)
 
+    names = _NAMES[arch]
+    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     out, quant = {}, {}
-    for name, w in weights.items():
-        key = _hf_name(name)
-        if ".self_attn.q_proj." in key:
-            w = _unpermute(w, n_heads)
-        elif ".self_attn.k_proj." in key:
-            w = _unpermute(w, n_kv)
-        out[key] = w
-        if key.endswith(".scales"):
-            module = key[: -len(".scales")]
-            in_dim = w.shape[-1] * GGUF_GROUP_SIZE
-            bits = weights[name.replace(".scales", ".weight")].shape[-1] * 32 // in_dim
-            quant[module] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
+    for name, (kind, shape, offset) in table.items():
+        key = _hf_name(name, names)
+        if key is None:
+            raise FlashError(f"{path}: GGUF tensor '{name}' is not supported for architecture '{arch}'")
+        try:
+            w = _tensor(buf, name, kind, shape, offset)
+        except ValueError as e:
+            raise FlashError(f"cannot read GGUF file {path}: {e}")
+        module, _, suffix = key.rpartition(".")
+        parts = dict(zip(("weight", "scales", "biases"), w)) if isinstance(w, tuple) else {suffix: w}
+        for part, v in parts.items():
+            if arch == "llama" and ".self_attn.q_proj." in key:
+                v = _unpermute(v, n_heads)
+            elif arch == "llama" and ".self_attn.k_proj." in key:
+                v = _unpermute(v, n_kv)
+            elif arch == "gemma3" and key.endswith("norm.weight"):
+                v = v - 1  # llama.cpp stores Gemma's 1 + w
+            out[f"{module}.{part}"] = v
+        if isinstance(w, tuple):
+            quant[module] = {"group_size": GGUF_GROUP_SIZE, "bits": _QUANTIZED[T(kind)][1]}
     if quant:
         # mlx-lm's convention: a default plus per-module overrides
         bits = max(set(q["bits"] for q in quant.values()), key=[q["bits"] for q in quant.values()].count)
         config["quantization"] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
         config["quantization"].update({m: q for m, q in quant.items() if q["bits"] != bits})
 
+    def number(key):
+        v = meta.get(key)
+        return None if v is None else int(v)
+
     tok = {
-        "tokens": list(tokens),
+        "tokens": list(meta["tokenizer.ggml.tokens"]),
         "merges": list(meta.get("tokenizer.ggml.merges", [])),
         "model": meta.get("tokenizer.ggml.model"),
         "pre": meta.get("tokenizer.ggml.pre"),
         "token_type": [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
         if "tokenizer.ggml.token_type" in meta else None,
-        "bos": _scalar(meta, "tokenizer.ggml.bos_token_id"),
-        "eos": _scalar(meta, "tokenizer.ggml.eos_token_id"),
-        "unk": _scalar(meta, "tokenizer.ggml.unknown_token_id"),
-        "pad": _scalar(meta, "tokenizer.ggml.padding_token_id"),
-        "add_bos": bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False)),
+        "scores": meta["tokenizer.ggml.scores"].tolist() if "tokenizer.ggml.scores" in meta else None,
+        "bos": number("tokenizer.ggml.bos_token_id"),
+        "eos": number("tokenizer.ggml.eos_token_id"),
+        "unk": number("tokenizer.ggml.unknown_token_id"),
+        "pad": number("tokenizer.ggml.padding_token_id"),
+        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "chat_template": meta.get("tokenizer.chat_template"),
     }
     return config, out, tok
