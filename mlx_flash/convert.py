@@ -51,13 +51,40 @@ def _rows_bytes(a: mx.array) -> np.ndarray:
     return np.array(a.view(mx.uint8)).reshape(a.shape[0], -1)
 
 
-def _dequantize(w, q):
-    return mx.dequantize(*w, group_size=q["group_size"], bits=q["bits"]) if q else w
+ROWS = 256  # matrix rows per MLX op while bundling: MLX's CPU dequantize and quantize make float32
+# temporaries several times their output (measured: 22 MB of peak for a 4 MB dequantized matrix)
+
+
+def _by_rows(f, *arrays):
+    """f over blocks of ROWS rows of `arrays` (arrays or quantized triples), each evaluated before the
+    next, concatenated: f's temporaries are those of one block."""
+    n = (arrays[0][0] if isinstance(arrays[0], tuple) else arrays[0]).shape[0]
+    block = lambda a, i: tuple(x[i : i + ROWS] for x in a) if isinstance(a, tuple) else a[i : i + ROWS]
+    parts = []
+    for i in range(0, n, ROWS):
+        out = f(*(block(a, i) for a in arrays))
+        mx.eval(out)
+        parts.append(out)
+    if isinstance(parts[0], tuple):
+        return tuple(mx.concatenate(p) for p in zip(*parts))
+    return mx.concatenate(parts)
+
+
+def _float_rows(w, q, dtype, transpose: bool) -> mx.array:
+    """The source matrix in the bundles' float dtype (transposed: the down projection, so that neuron
+    i's column becomes row i), one block of rows at a time."""
+    dense = _by_rows(lambda b: (mx.dequantize(*b, group_size=q["group_size"], bits=q["bits"]) if q else b)
+                     .astype(dtype), w)
+    return _by_rows(lambda b: b, dense.T) if transpose else dense  # blocks of the transpose: packed rows
 
 
 def _relative_error(fields, dense, group_size: int, bits: int) -> float:
-    back = mx.dequantize(*fields, group_size=group_size, bits=bits)
-    return (mx.linalg.norm((back - dense).astype(mx.float32)) / mx.linalg.norm(dense.astype(mx.float32))).item()
+    def sums(f, d):
+        back = mx.dequantize(*f, group_size=group_size, bits=bits).astype(mx.float32)
+        return mx.stack([mx.sum((back - d.astype(mx.float32)) ** 2), mx.sum(d.astype(mx.float32) ** 2)])[None]
+
+    err, ref = np.array(_by_rows(sums, fields, dense)).sum(axis=0)
+    return float(np.sqrt(err / ref))
 
 
 def ffn_fields(mlp, glu: bool, quant, dtype):
@@ -76,16 +103,15 @@ def ffn_fields(mlp, glu: bool, quant, dtype):
         if name != "down" and quant is not None and src_q == {k: quant[k] for k in ("bits", "group_size")}:
             fields[name] = w  # rows of a row-quantized gate/up are already bundles: copy bits exactly
             continue
-        dense = _dequantize(w, src_q).astype(dtype)
-        if name == "down":
-            dense = dense.T  # (d_model, d_ff) -> (d_ff, d_model): neuron i's column becomes a row
+        dense = _float_rows(w, src_q, dtype, transpose=name == "down")
         if quant is None:
-            fields[name] = mx.contiguous(dense)
+            fields[name] = dense
             continue
         bits = quant.get(f"{name}_bits", quant["bits"])
-        fields[name] = tuple(mx.quantize(mx.contiguous(dense), group_size=quant["group_size"], bits=bits))
+        fields[name] = _by_rows(lambda b: tuple(mx.quantize(b, group_size=quant["group_size"], bits=bits)), dense)
         if name == "down" or src_q is not None:  # a float gate/up quantized by --quantize is not a requantization
             errors[name] = _relative_error(fields[name], dense, quant["group_size"], bits)
+        del dense
     if mlp.spec.bias:
         fields["bias"] = mx.stack(biases, axis=1).astype(dtype)  # (d_ff, 2) or (d_ff, 1)
     return fields, errors
@@ -121,12 +147,15 @@ def pack_layer(fields: dict, layout: BundleLayout, d_ff: int) -> np.ndarray:
     return out
 
 
-def layer_bytes(net, spec, layout: BundleLayout, mx_dtype) -> int:
-    """What bundling one FFN layer holds at once: its source matrices, their copies in the bundles'
-    dtype (the down projection transposed), and the packed bundles with one field's bytes on the way."""
+def layer_bytes(net, spec, layout: BundleLayout, mx_dtype, copied: int = 0) -> int:
+    """What bundling one FFN layer holds at once: its source matrices, float copies in the bundles'
+    dtype of those not `copied` bit for bit (the down projection twice: before and after its transpose),
+    a block's float32 temporaries (ROWS), and the packed bundles with one field's bytes on the way
+    (the peak of a 12-layer 4-bit model with 3 x 1024 x 2048 FFNs was 19 MB for a 43 MB budget here)."""
     source = sum(v.nbytes for _, v in tree_flatten(net.layers[0].mlp.parameters()))
-    floats = (3 if spec.glu else 2) * spec.d_ff * spec.d_model * mx_dtype.size
-    return source + floats + 2 * spec.d_ff * layout.stride
+    floats = ((3 if spec.glu else 2) - copied + 1) * spec.d_ff * spec.d_model * mx_dtype.size
+    block = 3 * ROWS * max(spec.d_ff, spec.d_model) * 4  # measured: 2.75x a block's float32 size
+    return source + floats + block + spec.d_ff * (layout.stride + max(f.nbytes for f in layout.fields))
 
 
 def convert(model: str, out: Path, dtype: str = None, quantize: int = None, group_size: int = None,
@@ -205,9 +234,11 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         resident[k] = v
 
     layout = BundleLayout.build(spec.d_model, spec.glu, spec.bias, dtype, quant, alignment)
+    # gate and up rows quantized as the bundles are copied, not made float (ffn_fields)
+    copied = (2 if spec.glu else 1) if quant and src_q == {k: quant[k] for k in ("bits", "group_size")} else 0
     n_layers = len(net.layers)
     parts = {"resident weights": sum(v.nbytes for v in resident.values()),
-             "one FFN layer": layer_bytes(net, spec, layout, mx_dtype)}
+             "one FFN layer": layer_bytes(net, spec, layout, mx_dtype, copied)}
     if path.suffix == ".gguf":  # its resident part and every layer are in memory from the start
         parts = {GGUF_WHOLE: path.stat().st_size, "one FFN layer": parts["one FFN layer"]}
     budget = check_prepare("convert this model", dram_budget, total, parts)

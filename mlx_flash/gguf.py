@@ -28,6 +28,9 @@ undone here:
 - gemma3: every `*norm.weight` stored + 1 (HF's Gemma3RMSNorm multiplies by 1 + w). What the GGUF
   does not store, llama.cpp fixes and so do we: sliding-window pattern 6, local RoPE base 10000,
   query scale 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B).
+
+Not read: Llama 3.1+'s `rope_freqs` tensor (its RoPE scaling), MoE experts, other architectures;
+each is refused in one line.
 """
 
 import mmap
@@ -356,16 +359,13 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
     if gemma:
         config["head_dim"] = head_dim
         config["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
-        config["rope_local_base_freq"] = 10000.0
+        config["rope_local_base_freq"] = float(g("rope.freq_base_swa", 10000.0))
         window = g("attention.sliding_window")
         config["sliding_window"] = int(window or 512)
-        pattern = g("attention.sliding_window_pattern")  # per-layer "is sliding", where stored
-        if window is None:
-            config["sliding_window_pattern"] = 1  # every layer global
-        elif isinstance(pattern, np.ndarray) and not pattern.all():
-            config["sliding_window_pattern"] = int(np.argmin(pattern)) + 1
-        else:
-            config["sliding_window_pattern"] = 6
+        pattern = g("attention.sliding_window_pattern", 6)  # a period, or per layer "is sliding"
+        if isinstance(pattern, np.ndarray):
+            pattern = int(np.argmin(pattern)) + 1 if not pattern.all() else 1 + len(pattern)
+        config["sliding_window_pattern"] = 1 if window is None else int(pattern)  # 1: every layer global
 
     kind = g("rope.scaling.type", "linear" if g("rope.scale_linear", 1.0) != 1.0 else None)
     if kind in ("linear", "yarn"):
