@@ -36,6 +36,7 @@ from .sources import (
     default_folder,
     load_tokenizer,
     instantiate,
+    mismatch,
     quantize_like,
     read_source,
     resolve,
@@ -68,7 +69,7 @@ def load_resident(folder: Path, cfg: FlashConfig):
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise FlashError(f"{folder / RESIDENT_FILE} does not match flash.json: {str(e).splitlines()[0]}")
+        raise FlashError(f"{folder / RESIDENT_FILE} does not match flash.json: {mismatch(e)}")
     # evaluate everything now: a lazy load left for later would belong to this thread's stream,
     # and a server generates from other threads
     mx.eval(model.parameters(), [b for b in down_bias if b is not None])

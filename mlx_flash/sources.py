@@ -165,6 +165,16 @@ def read_source(model: str) -> Source:
     except json.JSONDecodeError as e:
         raise FlashError(f"{path / 'config.json'} is corrupt: {e}")
     files = sorted(glob.glob(str(path / "*.safetensors")))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():  # a sharded checkpoint, as the Hub ships one: every shard it names must be here
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise FlashError(f"{index} is corrupt: {e}")
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FlashError(f"{path} is incomplete: {missing[0]} is missing ({len(missing)} of the {len(shards)} "
+                             f"shards that model.safetensors.index.json names)")
     if not files:
         raise FlashError(f"{path} has no *.safetensors weights (PyTorch .bin checkpoints are not supported)")
     weights = {}
@@ -197,6 +207,12 @@ def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optiona
     nn.quantize(model, class_predicate=predicate)
 
 
+def mismatch(e: ValueError) -> str:
+    """MLX's load_weights error in one line: what is wrong and the first parameter it names."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] + (f" {lines[1]}" + (" ..." if len(lines) > 2 else "") if len(lines) > 1 else "")
+
+
 def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True, lazy: bool = False) -> nn.Module:
     """Instantiate the architecture (instantiate), quantize the modules that arrive quantized, load weights.
 
@@ -210,7 +226,7 @@ def build_model(config: dict, weights: Dict[str, mx.array], strict: bool = True,
     try:
         model.load_weights(list(weights.items()), strict=strict)
     except ValueError as e:
-        raise FlashError(f"weights do not match the config: {str(e).splitlines()[0]}")
+        raise FlashError(f"weights do not match the config: {mismatch(e)}")
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
