@@ -19,7 +19,7 @@ counts for a GGUF); a dequantized tensor exists only once evaluated.
 
 Why not `mx.load`, which reads GGUF: it refuses a whole file holding one Q3_K, Q5_K, Q5_0, Q5_1 or
 IQ tensor, and returns wrong values for Q4_K. Why not gguf-py's GGUFReader for the header: it takes
-~12 s on Gemma 3's 262k-token vocabulary, `_read_table` ~0.3 s.
+~12 s on Gemma 3's 262k-token vocabulary, `_read_table` 0.2 s.
 
 Architectures (`general.architecture`), and what llama.cpp's convert_hf_to_gguf.py did that is
 undone here:
@@ -343,7 +343,7 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
         "num_key_value_heads": _one(g("attention.head_count_kv", n_heads), "KV head count"),
         # stored as float32: 1e-5 arrives as 9.99999974e-06
         "rms_norm_eps": float(f'{g("attention.layer_norm_rms_epsilon", 1e-5 if arch == "llama" else 1e-6):.6g}'),
-        "vocab_size": embed[0] if embed else int(g("vocab_size", len(meta["tokenizer.ggml.tokens"]))),
+        "vocab_size": embed[0] if embed else int(g("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))),
         "rope_theta": float(g("rope.freq_base", 10000.0 if arch == "llama" else 1e6)),
         "max_position_embeddings": int(g("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in shapes,
@@ -389,9 +389,9 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED:
         raise FlashError(f"{path}: GGUF architecture '{arch}' is not supported (supported: {', '.join(SUPPORTED)})")
+    config = _config(arch, meta, {name: shape for name, (_, shape, _) in table.items()}, path)
     if not meta.get("tokenizer.ggml.tokens"):
         raise FlashError(f"{path}: the GGUF file has no tokenizer in its metadata")
-    config = _config(arch, meta, {name: shape for name, (_, shape, _) in table.items()}, path)
 
     names = _NAMES[arch]
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]

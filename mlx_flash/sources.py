@@ -239,7 +239,17 @@ def load_tokenizer(folder: Path):
     try:
         return load_mlx_tokenizer(Path(folder))
     except Exception as e:
-        raise FlashError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}")
+        if not (Path(folder) / "config.json").is_file():
+            raise FlashError(f"cannot load the tokenizer from {folder}: {str(e).splitlines()[0]}")
+        first = e
+    # transformers reads config.json too, and fails on model types it does not know (remote code such as
+    # ProSparse's "sparsellama"): the tokenizer files alone, as a converted folder keeps them
+    with tempfile.TemporaryDirectory(prefix="mlx-flash-tok-") as alone:
+        copy_tokenizer(Path(folder), Path(alone))
+        try:
+            return load_mlx_tokenizer(Path(alone))
+        except Exception:
+            raise FlashError(f"cannot load the tokenizer from {folder}: {str(first).splitlines()[0]}")
 
 
 def copy_tokenizer(src: Path, dst: Path):
