@@ -17,7 +17,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 from .convert import convert
-from .errors import cli
+from .errors import FlashError, cli
 from .format import FlashConfig
 from .load import is_flash_folder
 from .sources import BUILTIN_MODELS, DEFAULT_MODEL, default_folder
@@ -73,6 +73,108 @@ def model_for(model: str, mode: str = "flash") -> str:
     return str(prepare(model)) if model in BUILTIN_MODELS and mode == "flash" else model
 
 
+# What flash mode holds of the FFN when no calibration exists yet (estimate): per token predicted, and held
+# by a window of 5 tokens. ReLU family: the paper's OPT-6.7B figures (about 10% predicted per token, 2.4% of
+# the FFN new per token, so 10% + 4 x 2.4% over 5 tokens); other GLUs: the built-in SwiGLU model's, measured
+# at the default recall (README, Quality: 92.9% predicted, 99.8% held).
+ASSUMED_SHARES = {"relu-family": (0.10, 0.196), "other": (0.929, 0.998)}
+
+
+def read_config(model: str) -> dict:
+    """A model's config.json alone: a file, a folder's, or a Hub id's (only that file is downloaded)."""
+    import json
+
+    from .sources import hub_config
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists() and model.count("/") == 1:
+        path = hub_config(model)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FlashError(f"{path} not found: --estimate reads a config.json (a file, a model folder or a Hub id)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FlashError(f"{path} is corrupt: {e}")
+
+
+def estimate(config: dict, predicted: float = None, held: float = None, tokens: int = None) -> dict:
+    """What preparing and running a model needs, in bytes, from its config.json alone (before anything is
+    downloaded): its size and resident part from the geometry, converting and calibrating as their budget
+    checks count them, and flash mode's plan with windows holding `held` of each FFN (`predicted` of it per
+    token), at its default context, and the smallest budget that plan accepts."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from .convert import DTYPES, layer_bytes
+    from .flash.budget import calibration_parts, plan
+    from .flash.predictor import LowRankPredictor, default_ranks
+    from .flash.sparsity import is_relu
+    from .format import BundleLayout
+    from .sources import instantiate
+    from .train_predictors import DEFAULT_TOKENS, DEFAULT_SEQ_LEN, DEFAULT_WINDOW
+
+    model = instantiate(config)  # lazy: its random initial weights are never computed
+    spec = model.ffn_spec
+    dtype = config.get("torch_dtype") if config.get("torch_dtype") in DTYPES else "float16"
+    item = DTYPES[dtype].size
+    q = config.get("quantization")
+    if q:  # as mlx-lm quantizes: every Linear and Embedding whose input splits into groups
+        nn.quantize(model, q["group_size"], q["bits"],
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % q["group_size"] == 0)
+    size = lambda params: sum(v.size * (item if v.dtype == mx.float32 else v.dtype.size) for _, v in params)
+    params = tree_flatten(model.parameters())
+    resident = size((k, v) for k, v in params if ".mlp." not in k or k.endswith("down_proj.bias"))  # as convert
+    bundles = {**q, "down_bits": max(8, q["bits"])} if q else None
+    layout = BundleLayout.build(spec.d_model, spec.glu, spec.bias, dtype, bundles)
+    n_layers = len(model.layers)
+    copied = (2 if spec.glu else 1) if q else 0
+    source_layer = size(tree_flatten(model.layers[0].mlp.parameters()))
+    convert_layer = layer_bytes(model, spec, layout, DTYPES[dtype], copied) - sum(
+        v.nbytes for _, v in tree_flatten(model.layers[0].mlp.parameters())) + source_layer
+
+    relu = is_relu(spec.activation)
+    default = ASSUMED_SHARES["relu-family" if relu else "other"]
+    predicted, held = predicted or default[0], held or default[1]
+    ranks = default_ranks(n_layers, spec.d_model)
+    predictors = []
+    for r in ranks:  # 8 bits in memory, as flash mode holds them (flash.attach.trained_predictors)
+        p = LowRankPredictor(spec.d_model, spec.d_ff, r)
+        nn.quantize(p, 32, 8, class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
+        predictors.append(size(tree_flatten(p.parameters())))
+    cfg = FlashConfig(
+        architecture=config["model_type"], model_config=config, d_model=spec.d_model, d_ff=spec.d_ff,
+        n_layers=n_layers, glu=spec.glu, bias=spec.bias, activation=spec.activation, dtype=dtype,
+        quantization=bundles, layout=layout, layers=[], file_size=n_layers * spec.d_ff * layout.stride, source={},
+        predictors={"window": DEFAULT_WINDOW, "target_recall": None, "pinned": [[] for _ in range(n_layers)],
+                    "predicted_share": [predicted] * n_layers,
+                    "window_union_p99": [held * spec.d_ff] * n_layers})
+    total = resident + n_layers * spec.d_ff * layout.nbytes
+    head = model.lm_head if "lm_head" in model else next(m for p, m in model.named_modules()
+                                                          if p.endswith("embed_tokens"))
+    transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
+    flash = lambda budget=None: plan(None, cfg, resident, sum(predictors), budget, transient=transient, item=item,
+                                     total=total)
+    lo, hi = 0, 4 * total
+    while lo < hi:  # the smallest budget flash's plan accepts
+        mid = (lo + hi) // 2
+        try:
+            flash(mid)
+            hi = mid
+        except FlashError:
+            lo = mid + 1
+    tokens = tokens or DEFAULT_TOKENS
+    return {"model": total, "resident": resident, "ffn_on_disk": cfg.file_size,
+            "convert": resident + convert_layer,
+            "calibrate": sum(calibration_parts(cfg, resident, ranks, tokens, DEFAULT_SEQ_LEN).values()),
+            "calibration_tokens": tokens, "flash": flash().total, "smallest": lo,
+            "assumed": {"predicted": predicted, "held": held, "activation": spec.activation,
+                        "source": "given" if (predicted, held) != default else
+                        ("the paper's OPT-6.7B figures" if relu else "the built-in SwiGLU model's, measured")}}
+
+
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Convert a model into the flash layout and train its predictors, "
                                             "then print what flash mode needs and how to run it.")
@@ -85,12 +187,23 @@ def setup_arg_parser():
     p.add_argument("--quantize", "-q", type=int, choices=[4, 8], default=None,
                    help="quantize a float source to 4 or 8 bits (a quantized source keeps its own)")
     p.add_argument("--lookahead", action="store_true", help="also train lookahead predictors (prefetch)")
+    p.add_argument("--estimate", action="store_true",
+                   help="download nothing but config.json (a file, folder or Hub id): print what preparing and "
+                        "running the model need, from its geometry and assumed FFN shares")
+    p.add_argument("--predicted-share", type=float, default=None,
+                   help="with --estimate: the FFN's share predicted per token (default: 0.10 for the ReLU family, "
+                        "the paper's; 0.93 for other GLUs, measured on the built-in model)")
+    p.add_argument("--held-share", type=float, default=None,
+                   help="with --estimate: the FFN's share a window of 5 tokens holds (default 0.196 or 0.998)")
     return p
 
 
 @cli
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
+    if args.estimate:
+        return print_estimate(args.model, estimate(read_config(args.model), args.predicted_share, args.held_share,
+                                                   args.tokens))
     folder = prepare(args.model, args.out, dram_budget=args.dram_budget, tokens=args.tokens,
                      convert_options={"quantize": args.quantize} if args.quantize else None,
                      train_options={"lookahead": True} if args.lookahead else None)
@@ -103,6 +216,19 @@ def main(argv=None):
     print(f"  python -m mlx_flash.generate --model {folder} --mode flash -p \"Hello\"")
     print(f"  python -m mlx_flash.server --model {folder} --mode flash")
     print(f"  python -m mlx_flash.evaluate --model {folder}")
+
+
+def print_estimate(model: str, e: dict):
+    mb = lambda b: f"{b / 1e6:,.0f} MB"
+    a = e["assumed"]
+    print(f"{model}: {mb(e['model'])} in the flash layout ({mb(e['resident'])} resident: embeddings, attention, "
+          f"norms, LM head; {mb(e['ffn_on_disk'])} of FFN bundles on disk)")
+    print(f"  convert: {mb(e['convert'])} (the resident part and one FFN layer)")
+    print(f"  calibrate: {mb(e['calibrate'])} ({e['calibration_tokens']} tokens)")
+    print(f"  flash mode: {mb(e['flash'])} with windows holding {a['held']:.0%} of each FFN "
+          f"({a['predicted']:.0%} predicted per token: {a['source']}; {a['activation']}), as little as "
+          f"{mb(e['smallest'])} with smaller windows; plus the Python interpreter (~100 MB)")
+    print("  estimated from config.json; `prepare` measures them after calibration")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,17 @@ def hub_download(repo_id: str) -> Path:
         raise FlashError(f"cannot download '{repo_id}' from the Hugging Face Hub: {str(e).splitlines()[0]}")
 
 
+def hub_config(repo_id: str) -> Path:
+    """A Hub model's config.json alone (cached by huggingface_hub)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as e:
+        raise FlashError(f"cannot download the config.json of '{repo_id}' from the Hugging Face Hub: "
+                         f"{str(e).splitlines()[0]}")
+
+
 def read_source(model: str) -> Source:
     """Read a non-flash model (built-in, GGUF, HF folder or Hub id)."""
     path = resolve(model)

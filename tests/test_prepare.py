@@ -5,8 +5,12 @@ copies go to a temporary MLX_FLASH_MODELS: the real calibration takes minutes.
 """
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mlx_flash import bench, evaluate, generate, prepare, probe, server, sources
@@ -15,6 +19,7 @@ from mlx_flash.format import FlashConfig
 from mlx_flash.load import load
 
 NAME = "tiny-builtin"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +119,49 @@ def test_concurrent_preparations_take_turns(builtin, tmp_path, monkeypatch):
     for t in threads:
         t.join(300)
     assert errors == [] and calls == [1] and FlashConfig.load(folder).predictors is not None
+
+
+@pytest.mark.parametrize("arch,quantized", [("qwen3", True), ("llama", False), ("phi3", True), ("relu", False)])
+def test_estimate_from_config_alone_matches_the_prepared_folder(tmp_path, arch, quantized):
+    """prepare --estimate reads config.json only; its sizes are those convert writes and its budget checks
+    count, and its flash plan is the plan of the prepared folder when the shares are the calibrated ones."""
+    import json
+
+    import mlx.core as mx
+
+    from arch_models import make_arch
+    from mlx_flash.convert import convert
+    from mlx_flash.flash.attach import plan_flash, trained_predictors
+    from mlx_flash.flash.budget import model_bytes
+    from mlx_flash.format import RESIDENT_FILE, FlashConfig
+    from mlx_flash.load import load_resident
+    from mlx_flash.train_predictors import train
+
+    src = make_arch(tmp_path / arch, arch, quantized=quantized, **({"bits": 4, "group_size": 64} if quantized else {}))
+    config = prepare.read_config(str(src))
+    out = convert(str(src), tmp_path / "flash", quiet=True)
+    train(out, tokens=512, seq_len=64, epochs=1, progress=False)
+    cfg = FlashConfig.load(out)
+    p = cfg.predictors
+    e = prepare.estimate(config, predicted=float(np.mean(p["predicted_share"])),
+                         held=float(np.mean(p["window_union_p99"])) / cfg.d_ff)
+    assert e["resident"] == sum(v.nbytes for v in mx.load(str(out / RESIDENT_FILE)).values())
+    assert e["ffn_on_disk"] == cfg.file_size
+    assert abs(e["model"] - model_bytes(out, cfg)) <= (out / RESIDENT_FILE).stat().st_size - e["resident"]  # header
+    with pytest.raises(FlashError, match=f"need {e['convert'] / 1e6:.1f} MB"):  # convert's own check, same bytes
+        convert(str(src), tmp_path / "never", dram_budget="1K", quiet=True)
+    model, down_bias = load_resident(out, cfg)
+    predictors, _ = trained_predictors(out, cfg)
+    real = plan_flash(model, out, cfg, down_bias, predictors)
+    # the same plan but for the per-layer shares, which the estimate takes as their mean
+    assert abs(e["flash"] - real.total) / real.total < 0.05, (e["flash"], real.total)
+    assert json.loads((src / "config.json").read_text())["model_type"] == config["model_type"]
+
+
+def test_estimate_command_for_the_readme_models():
+    """The README's figures: `prepare --estimate` on the configs in models/configs, offline."""
+    for name in ("qwen3-8b-4bit", "prosparse-llama-2-7b", "opt-6.7b"):
+        r = subprocess.run([sys.executable, "-m", "mlx_flash.prepare", "--model", f"models/configs/{name}.json",
+                            "--estimate"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert "flash mode:" in r.stdout and "convert:" in r.stdout and "calibrate:" in r.stdout

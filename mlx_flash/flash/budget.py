@@ -108,19 +108,20 @@ def predictor_level(p: dict, recall: Optional[float]) -> dict:
     return {**p, **levels[key]}
 
 
-def plan(folder: Path, cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
+def plan(folder: Optional[Path], cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
          window: Optional[int] = None, max_kv_size: int = DEFAULT_MAX_KV_SIZE, slots: Optional[int] = None,
          recall: Optional[float] = None, transient: int = 0, prefill_step: int = DEFAULT_PREFILL_STEP,
-         item: int = 4, prefetch: bool = False) -> Plan:
+         item: int = 4, prefetch: bool = False, total: Optional[int] = None) -> Plan:
     """transient: what the resident part allocates per token beyond its weights; item: bytes per
-    element of the activations and KV cache (see flash.attach.resident_facts)."""
+    element of the activations and KV cache (see flash.attach.resident_facts); total: the model's
+    size when there is no folder yet (an estimate from its config: prepare --estimate)."""
     p = predictor_level(cfg.predictors, recall)
     window = window or p["window"]
     if window < 1:
         raise FlashError("--window must be at least 1")
     if max_kv_size < 1 or prefill_step < 1:
         raise FlashError("--max-kv-size and --prefill-step must be at least 1")
-    total = model_bytes(folder, cfg)
+    total = total or model_bytes(folder, cfg)
     budget_bytes = parse_budget(budget, total)
     chunk = min(prefill_step, max_kv_size)
     working = working_bytes(cfg, transient, chunk, max_kv_size, item)
