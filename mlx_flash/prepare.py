@@ -99,7 +99,8 @@ def read_config(model: str) -> dict:
         raise FlashError(f"{path} is corrupt: {e}")
 
 
-def estimate(config: dict, predicted: float = None, held: float = None, tokens: int = None) -> dict:
+def estimate(config: dict, predicted: float = None, held: float = None, tokens: int = None, dtype: str = None,
+             quantize: int = None, down_bits: int = None) -> dict:
     """What preparing and running a model needs, in bytes, from its config.json alone (before anything is
     downloaded): its size and resident part from the geometry, converting and calibrating as their budget
     checks count them, and flash mode's plan with windows holding `held` of each FFN (`predicted` of it per
@@ -118,19 +119,22 @@ def estimate(config: dict, predicted: float = None, held: float = None, tokens: 
 
     model = instantiate(config)  # lazy: its random initial weights are never computed
     spec = model.ffn_spec
-    dtype = config.get("torch_dtype") if config.get("torch_dtype") in DTYPES else "float16"
+    dtype = dtype or (config.get("torch_dtype") if config.get("torch_dtype") in DTYPES else "float16")
     item = DTYPES[dtype].size
     q = config.get("quantization")
+    if quantize:  # convert --quantize: a float source's matrices, resident and FFN alike
+        q = {"group_size": 64 if spec.d_model % 64 == 0 else 32, "bits": quantize}
     if q:  # as mlx-lm quantizes: every Linear and Embedding whose input splits into groups
-        nn.quantize(model, q["group_size"], q["bits"],
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % q["group_size"] == 0)
+        nn.quantize(model, q["group_size"], q["bits"],  # (the FFN of a float source stays float until bundled)
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % q["group_size"] == 0
+                    and not (quantize and ".mlp." in p))
     size = lambda params: sum(v.size * (item if v.dtype == mx.float32 else v.dtype.size) for _, v in params)
     params = tree_flatten(model.parameters())
     resident = size((k, v) for k, v in params if ".mlp." not in k or k.endswith("down_proj.bias"))  # as convert
-    bundles = {**q, "down_bits": max(8, q["bits"])} if q else None
+    bundles = {**q, "down_bits": down_bits or (quantize or max(8, q["bits"]))} if q else None
     layout = BundleLayout.build(spec.d_model, spec.glu, spec.bias, dtype, bundles)
     n_layers = len(model.layers)
-    copied = (2 if spec.glu else 1) if q else 0
+    copied = (2 if spec.glu else 1) if q and not quantize else 0
     source_layer = size(tree_flatten(model.layers[0].mlp.parameters()))
     convert_layer = layer_bytes(model, spec, layout, DTYPES[dtype], copied) - sum(
         v.nbytes for _, v in tree_flatten(model.layers[0].mlp.parameters())) + source_layer
@@ -184,8 +188,12 @@ def setup_arg_parser():
     p.add_argument("--dram-budget", default=None,
                    help="memory converting and calibrating may use (e.g. 8G): checked up front by each step")
     p.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: train_predictors')")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="float type of a float source's bundles and resident part (default: the source's)")
     p.add_argument("--quantize", "-q", type=int, choices=[4, 8], default=None,
                    help="quantize a float source to 4 or 8 bits (a quantized source keeps its own)")
+    p.add_argument("--down-bits", type=int, default=None,
+                   help="bits of the down projection's requantized columns (default: 8, or --quantize)")
     p.add_argument("--lookahead", action="store_true", help="also train lookahead predictors (prefetch)")
     p.add_argument("--estimate", action="store_true",
                    help="download nothing but config.json (a file, folder or Hub id): print what preparing and "
@@ -203,9 +211,10 @@ def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.estimate:
         return print_estimate(args.model, estimate(read_config(args.model), args.predicted_share, args.held_share,
-                                                   args.tokens))
+                                                   args.tokens, args.dtype, args.quantize, args.down_bits))
     folder = prepare(args.model, args.out, dram_budget=args.dram_budget, tokens=args.tokens,
-                     convert_options={"quantize": args.quantize} if args.quantize else None,
+                     convert_options={k: v for k, v in {"dtype": args.dtype, "quantize": args.quantize,
+                                                         "down_bits": args.down_bits}.items() if v is not None},
                      train_options={"lookahead": True} if args.lookahead else None)
     need = memory_needs(folder)
     mb = lambda b: f"{b / 1e6:,.0f} MB"

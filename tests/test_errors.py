@@ -131,3 +131,28 @@ def test_gguf_without_geometry_or_truncated(tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:50])
     assert_one_line_error(*generate(cut)[::2], "cannot read GGUF")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mamba", "no_such_type"])
+def test_architecture_without_a_supported_ffn_is_refused_naming_the_supported_ones(tiny_model, tmp_path, model_type):
+    """A mixture-of-experts, a state-space or an unknown model type: one line that names what runs."""
+    from mlx_flash.models.architectures import ARCHITECTURES
+
+    folder = tmp_path / model_type
+    shutil.copytree(tiny_model("llama_silu_tied"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": model_type}))
+    for rc, _, err in (generate(folder), run("mlx_flash.convert", "--model", str(folder), "--out", str(tmp_path / "o"))):
+        assert_one_line_error(rc, err, f"model type '{model_type}' is not supported", *ARCHITECTURES)
+    assert not (tmp_path / "o").exists()
+
+
+def test_readme_lists_every_architecture():
+    from pathlib import Path
+
+    from mlx_flash.models.architectures import ARCHITECTURES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("### Architectures and sources"):readme.index("Sources, each converted")]
+    for model_type in ARCHITECTURES:
+        assert model_type in table, model_type

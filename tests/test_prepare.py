@@ -121,8 +121,9 @@ def test_concurrent_preparations_take_turns(builtin, tmp_path, monkeypatch):
     assert errors == [] and calls == [1] and FlashConfig.load(folder).predictors is not None
 
 
-@pytest.mark.parametrize("arch,quantized", [("qwen3", True), ("llama", False), ("phi3", True), ("relu", False)])
-def test_estimate_from_config_alone_matches_the_prepared_folder(tmp_path, arch, quantized):
+@pytest.mark.parametrize("arch,quantized,quantize", [("qwen3", True, None), ("llama", False, None),
+                                                     ("phi3", True, None), ("relu", False, None), ("qwen3", False, 4)])
+def test_estimate_from_config_alone_matches_the_prepared_folder(tmp_path, arch, quantized, quantize):
     """prepare --estimate reads config.json only; its sizes are those convert writes and its budget checks
     count, and its flash plan is the plan of the prepared folder when the shares are the calibrated ones."""
     import json
@@ -139,17 +140,17 @@ def test_estimate_from_config_alone_matches_the_prepared_folder(tmp_path, arch, 
 
     src = make_arch(tmp_path / arch, arch, quantized=quantized, **({"bits": 4, "group_size": 64} if quantized else {}))
     config = prepare.read_config(str(src))
-    out = convert(str(src), tmp_path / "flash", quiet=True)
+    out = convert(str(src), tmp_path / "flash", quiet=True, quantize=quantize)
     train(out, tokens=512, seq_len=64, epochs=1, progress=False)
     cfg = FlashConfig.load(out)
     p = cfg.predictors
     e = prepare.estimate(config, predicted=float(np.mean(p["predicted_share"])),
-                         held=float(np.mean(p["window_union_p99"])) / cfg.d_ff)
+                         held=float(np.mean(p["window_union_p99"])) / cfg.d_ff, quantize=quantize)
     assert e["resident"] == sum(v.nbytes for v in mx.load(str(out / RESIDENT_FILE)).values())
     assert e["ffn_on_disk"] == cfg.file_size
     assert abs(e["model"] - model_bytes(out, cfg)) <= (out / RESIDENT_FILE).stat().st_size - e["resident"]  # header
     with pytest.raises(FlashError, match=f"need {e['convert'] / 1e6:.1f} MB"):  # convert's own check, same bytes
-        convert(str(src), tmp_path / "never", dram_budget="1K", quiet=True)
+        convert(str(src), tmp_path / "never", dram_budget="1K", quiet=True, quantize=quantize)
     model, down_bias = load_resident(out, cfg)
     predictors, _ = trained_predictors(out, cfg)
     real = plan_flash(model, out, cfg, down_bias, predictors)
