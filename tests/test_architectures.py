@@ -317,3 +317,36 @@ def test_sharded_bfloat16_converts_like_unsharded(tmp_path, arch):
     np.testing.assert_array_equal(got["sharded"], got["whole"])
     # bfloat16 bundles compute in bfloat16: the source's own rounding, not conversion's
     assert rel_diff(got["sharded"], ref) < 0.05
+
+
+# --------------------------------------------------------------------------
+# h. the resident in-out layout (MLX's CPU kernel) is a module swap that fits every architecture
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resident_in_out_layout_on_every_architecture(checkpoint, tmp_path, arch):
+    """convert --quantize 4 --resident-layout in-out swaps every attention projection and the LM head
+    for its (in, out) module, whatever the architecture names them (flash.json lists the paths, load
+    swaps them back in), and the model answers like the out-in one."""
+    from mlx_flash.models.in_out import InOutEmbedding, InOutLinear
+
+    src = checkpoint(arch)
+    want = logits(load(str(src))[0], PROMPT)
+    corr = {}
+    for layout in ("out-in", "in-out"):
+        out = convert(str(src), tmp_path / layout, quiet=True, quantize=4, group_size=32, resident_layout=layout)
+        paths = json.loads((out / "flash.json").read_text())["model_config"]["quantization"].get("in_out", [])
+        model, _ = load(str(out), mode="dense")
+        mods = dict(model.named_modules())
+        swapped = sorted(p for p, m in mods.items() if isinstance(m, (InOutLinear, InOutEmbedding)))
+        assert swapped == sorted(paths)
+        if layout == "in-out":
+            attention = [p for p, m in mods.items() if ".self_attn." in p and hasattr(m, "weight") and "norm" not in p]
+            assert attention and all(p in swapped for p in attention), set(attention) - set(swapped)
+            assert "lm_head" in swapped or any(p.endswith("embed_tokens") for p in swapped)
+        else:
+            assert swapped == []
+        got = logits(model, PROMPT)
+        corr[layout] = np.corrcoef(got.ravel(), want.ravel())[0, 1]
+    # 4 bits on a tiny random model: both layouts equally close to the float source
+    assert min(corr.values()) > 0.8 and abs(corr["in-out"] - corr["out-in"]) < 0.05, corr
