@@ -350,3 +350,19 @@ def test_resident_in_out_layout_on_every_architecture(checkpoint, tmp_path, arch
         corr[layout] = np.corrcoef(got.ravel(), want.ravel())[0, 1]
     # 4 bits on a tiny random model: both layouts equally close to the float source
     assert min(corr.values()) > 0.8 and abs(corr["in-out"] - corr["out-in"]) < 0.05, corr
+
+
+@pytest.mark.parametrize("family", FAMILY)
+def test_evaluate_reports_the_active_share_beside_the_predicted_one(calibrated, family):
+    """For exact zeros, the share flash predicts is set against the share truly non-zero on the same
+    tokens: equal for an oracle, at least as large for the trained predictor (it over-predicts)."""
+    from mlx_flash.evaluate import evaluate
+
+    r = evaluate(calibrated(family), tokens=24, starts=1, greedy_tokens=0, progress=False,
+                 configs=[{"oracle": True}, {}])
+    oracle, trained = r["flash"]
+    assert 0 < oracle["ffn_share_active"] < 1
+    assert oracle["stats"]["ffn_share_predicted"] == pytest.approx(oracle["ffn_share_active"], abs=1e-3)
+    # the same tokens; the later layers' inputs differ a little where the trained predictor missed a neuron
+    assert trained["ffn_share_active"] == pytest.approx(oracle["ffn_share_active"], abs=0.01)
+    assert trained["stats"]["ffn_share_predicted"] >= 0.9 * trained["ffn_share_active"]

@@ -529,3 +529,15 @@ def write_tokenizer(folder, *, kind: str = "llama", vocab_size: int = 512, model
         }
     )
     _write_json(folder / "tokenizer_config.json", tcfg)
+
+
+if __name__ == "__main__":  # python tests/tiny_models.py {relu-llama,opt} FOLDER: a checkpoint to try commands on
+    import sys
+
+    kind, out = sys.argv[1], sys.argv[2]
+    made = {"relu-llama": lambda d: make_llama(d, hidden_act="relu", tie_word_embeddings=False, seed=0),
+            "opt": lambda d: make_opt(d, seed=0)}
+    if kind not in made:
+        sys.exit(f"error: unknown kind '{kind}' (choose from {', '.join(made)})")
+    made[kind](out)
+    print(out)
