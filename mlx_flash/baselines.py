@@ -350,7 +350,7 @@ def attach_baseline(model, folder, cfg: FlashConfig, down_bias, kind: str, weigh
                                 evict=evict, last=l == streamed[-1])
         else:
             layer.mlp = HybridFFN(l, model.ffn_spec, cfg, out.reader, staging, packed, down_bias[l], stats)
-    model.kv_step = max_kv_size  # the planned context, allocated once (models.base.CausalLM.make_cache)
+    model.kv_step = max_kv_size  # the planned context, allocated once (sources.instantiate's make_cache)
     # reading the resident layers went through the page cache; and pages cached (and charged) before,
     # by anyone, would be warm for the naive row even inside a memory cgroup
     drop_cache(folder / BUNDLES_FILE)

@@ -159,7 +159,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     if pl.budget is not None:
         mx.set_cache_limit(0)  # freed MLX buffers go back to the OS instead of counting against the budget
     mx.reset_peak_memory()  # peak memory from here on is flash mode's own
-    model.kv_step = pl.max_kv_size  # the KV cache is allocated whole, once (models.base.CausalLM.make_cache)
+    model.kv_step = pl.max_kv_size  # the KV cache is allocated whole, once (sources.instantiate's make_cache)
     model.flash_stats = stats
     model.flash_plan = pl
     model.flash_prefetch = prefetch

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from ..errors import FlashError
-from .ffn import FFNSpec
+from .ffn import ACTIVATIONS, FFNSpec
 
 RELU_FAMILY = ("relu", "fatrelu", "drelu")
 
@@ -46,7 +46,7 @@ class Architecture:
 
 ARCHITECTURES = {
     "llama": Architecture("mlx_lm.models.llama"),
-    "mistral": Architecture("mlx_lm.models.llama"),  # mlx-lm's own remapping; TurboSparse-Mistral too
+    "mistral": Architecture("mlx_lm.models.llama"),  # mlx-lm's own remapping
     "qwen2": Architecture("mlx_lm.models.qwen2"),
     "qwen3": Architecture("mlx_lm.models.qwen3"),
     "gemma3_text": Architecture("mlx_lm.models.gemma3_text", act_key="hidden_activation",
@@ -102,8 +102,6 @@ def ffn_spec(config: dict) -> FFNSpec:
 
 def supported_activation(spec: FFNSpec) -> Optional[str]:
     """None, or why the FFN's activation cannot run."""
-    from .ffn import ACTIVATIONS
-
     if spec.activation not in ACTIVATIONS:
         return f"FFN activation '{spec.activation}' is not supported (supported: {', '.join(sorted(ACTIVATIONS))})"
     return None
