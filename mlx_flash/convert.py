@@ -37,7 +37,7 @@ from .format import (
     round_up,
 )
 from .flash.budget import check_prepare, returning_freed_memory
-from .models.in_out import LAYOUT_KEY, LAYOUTS, default_layout, in_out_paths, to_in_out
+from .models.in_out import LAYOUT_KEY, LAYOUTS, default_layout, in_out_paths, tied, to_in_out
 from .sources import build_model, copy_tokenizer, default_folder, read_source, resolve
 from .system import release_pages
 
@@ -217,7 +217,7 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         q.update({k: v for k, v in (src.config.get("quantization") or {}).items() if isinstance(v, dict)})
         if (resident_layout or default_layout()) == "in-out":
             # the matrices a decode step multiplies by, stored for x @ W (the ones already quantized stay)
-            paths = in_out_paths(net, "lm_head" not in net, g)
+            paths = in_out_paths(net, tied(net), g)
             to_in_out(net, paths, g, quant["bits"])
             q[LAYOUT_KEY] = paths
         nn.quantize(net, g, quant["bits"], class_predicate=lambda p, m: (

@@ -29,6 +29,10 @@ undone here:
   does not store, llama.cpp fixes and so do we: sliding-window pattern 6, local RoPE base 10000,
   query scale 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B).
 
+Tokenizers (`tokenizer.ggml.model`), written by `save_gguf_tokenizer` as a tokenizer.json that mlx-lm
+loads: gpt2 (byte-level BPE with the file's merges) and llama (SentencePiece: Llama 1/2, Mistral, Gemma;
+BPE with byte fallback, merges rebuilt from the scores, as transformers' GGUF loader builds it).
+
 Not read: Llama 3.1+'s `rope_freqs` tensor (its RoPE scaling), MoE experts, other architectures;
 each is refused in one line.
 """
@@ -438,19 +442,53 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
         "eos": number("tokenizer.ggml.eos_token_id"),
         "unk": number("tokenizer.ggml.unknown_token_id"),
         "pad": number("tokenizer.ggml.padding_token_id"),
-        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say
+        "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        "add_space_prefix": meta.get("tokenizer.ggml.add_space_prefix"),  # SentencePiece's add_dummy_prefix
         "chat_template": meta.get("tokenizer.chat_template"),
+        "arch": arch,
     }
     return config, out, tok
 
 
+# llama.cpp's token types (tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPIECE_SPACE = "\u2581"  # "▁": how SentencePiece spells a space
+
+
 def save_gguf_tokenizer(tok: dict, folder: Path):
-    """Write the GGUF's GPT-2-style BPE tokenizer as tokenizer.json + tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    """Write the GGUF's tokenizer as tokenizer.json + tokenizer_config.json.
+
+    `tokenizer.ggml.model` "gpt2" is byte-level BPE; "llama" is a SentencePiece vocabulary (Llama 1/2,
+    Mistral, Gemma), built as transformers' GGUF loader builds it (see `_sentencepiece_bpe`).
+    """
     from transformers import PreTrainedTokenizerFast
 
-    if tok["model"] != "gpt2":
-        raise FlashError(f"GGUF tokenizer model '{tok['model']}' is not supported (supported: gpt2 BPE)")
+    if tok["model"] == "gpt2":
+        backend = _byte_level_bpe(tok)
+    elif tok["model"] == "llama":
+        backend = _sentencepiece_bpe(tok)
+    else:
+        raise FlashError(f"GGUF tokenizer model '{tok['model']}' is not supported "
+                         "(supported: gpt2 byte-level BPE, llama SentencePiece)")
+    name = lambda i: backend.id_to_token(i) if i is not None and 0 <= i < len(tok["tokens"]) else None
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=name(tok["bos"]),
+        eos_token=name(tok["eos"]),
+        unk_token=name(tok["unk"]),
+        pad_token=name(tok["pad"]),
+        add_bos_token=tok["add_bos"],
+        clean_up_tokenization_spaces=False,
+    )
+    if tok["chat_template"]:
+        hf.chat_template = tok["chat_template"]
+    hf.save_pretrained(str(folder))
+
+
+def _byte_level_bpe(tok: dict):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
     vocab = {t: i for i, t in enumerate(tok["tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -462,20 +500,72 @@ def save_gguf_tokenizer(tok: dict, folder: Path):
         bpe.pre_tokenizer = byte_level
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = tok["token_type"] or [1] * len(vocab)
-    specials = [t for t, ty in zip(tok["tokens"], types) if ty in (3, 4)]  # control, user-defined
+    types = tok["token_type"] or [NORMAL] * len(vocab)
+    specials = [t for t, ty in zip(tok["tokens"], types) if ty in (CONTROL, USER_DEFINED)]
     bpe.add_special_tokens(specials)
+    return bpe
 
-    name = lambda i: tok["tokens"][i] if i is not None and 0 <= i < len(tok["tokens"]) else None
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token=name(tok["bos"]),
-        eos_token=name(tok["eos"]),
-        unk_token=name(tok["unk"]),
-        pad_token=name(tok["pad"]),
-        add_bos_token=tok["add_bos"],
-        clean_up_tokenization_spaces=False,
-    )
-    if tok["chat_template"]:
-        hf.chat_template = tok["chat_template"]
-    hf.save_pretrained(str(folder))
+
+def _sentencepiece_bpe(tok: dict):
+    """A SentencePiece vocabulary as a `tokenizers` BPE with byte fallback, the way transformers' GGUF
+    loader (integrations/gguf/gguf_tokenizer_mapping.py: LlamaTokenizer, GemmaTokenizer) builds it:
+
+    - merges: a GGUF stores none, so every split of a token into two tokens becomes a merge, ranked by the
+      token's score, the order SentencePiece's BPE merges in. For Gemma, whose scores transformers finds
+      do not follow its merge order, the token's position in the file ranks (in Gemma 3's file the two
+      orders agree on every normal token).
+    - spaces: "▁", plus a leading "▁" on each stretch of text between special tokens unless
+      `tokenizer.ggml.add_space_prefix` is false (Gemma): llama.cpp's rule, and SentencePiece's
+      add_dummy_prefix on each stretch. A normalizer, not `Metaspace`, which writes " hi" as "▁hi" where
+      SentencePiece writes "▁▁hi".
+    - control tokens (and <unk>) are special added tokens, matched in the text as llama.cpp matches them
+      when it parses special tokens; user-defined ones (Gemma's "\n\n", "<table>") are added tokens,
+      matched whole as SentencePiece and llama.cpp match them. llama.cpp's converter spells "▁" in these
+      as a space (Gemma's whitespace runs "▁▁".."▁"*31 became "  "...): they get their "▁" back and are
+      matched in the normalized text, longest first, as SentencePiece does. (transformers instead builds
+      them by BPE merges, which splits a run longer than the longest such token differently.)
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    n = len(tok["tokens"])
+    types = tok["token_type"] or [NORMAL] * n
+    tokens = [t.replace(" ", SPIECE_SPACE) if ty == USER_DEFINED and " " in t else t
+              for t, ty in zip(tok["tokens"], types)]
+    vocab = {t: i for i, t in enumerate(tokens)}  # a duplicate spelling keeps its last id, as transformers'
+    by_position = (tok.get("arch") or "").startswith("gemma") or not tok["scores"] or len(set(tok["scores"])) == 1
+    scores = [-i for i in range(n)] if by_position else tok["scores"]
+    merges = _merges_from_scores(tokens, types, scores)
+
+    unk = tok["unk"] if tok["unk"] is not None and 0 <= tok["unk"] < n else None
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None if unk is None else tokens[unk],
+                               fuse_unk=True, byte_fallback=BYTE in types))
+    prefix = tok.get("add_space_prefix")
+    prefix = True if prefix is None else prefix  # llama.cpp's default for a SentencePiece vocabulary
+    space = normalizers.Replace(" ", SPIECE_SPACE)
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), space]) if prefix else space
+    # mlx-lm's loader recognises these two decoders and streams text with its SentencePiece detokenizer
+    steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    bpe.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+
+    bpe.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
+    # one spelled with "▁" is matched in the normalized text, as SentencePiece matches user-defined pieces
+    bpe.add_tokens([AddedToken(t, normalized=SPIECE_SPACE in t, special=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    return bpe
+
+
+def _merges_from_scores(tokens: list, types: list, scores: list) -> list:
+    """Every (left, right) whose concatenation is a token, best-scored result first.
+
+    As transformers' `generate_merges`: ties go to the longer left, then the longer right part. Control,
+    unknown and byte tokens are neither made nor used by merges, as in SentencePiece.
+    """
+    mergeable = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty not in (UNKNOWN, CONTROL, BYTE)}
+    found = []
+    for t, i in mergeable.items():
+        pairs = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in mergeable and t[k:] in mergeable]
+        pairs.sort(key=lambda p: (mergeable[p[0]], mergeable[p[1]]))
+        found += [(float(scores[i]), l, r) for l, r in pairs]
+    found.sort(key=lambda m: (m[0], len(m[1]), len(m[2])), reverse=True)
+    return [(l, r) for _, l, r in found]

@@ -156,8 +156,8 @@ def estimate(config: dict, predicted: float = None, held: float = None, tokens: 
                     "predicted_share": [predicted] * n_layers,
                     "window_union_p99": [held * spec.d_ff] * n_layers})
     total = resident + n_layers * spec.d_ff * layout.nbytes
-    head = model.lm_head if "lm_head" in model else next(m for p, m in model.named_modules()
-                                                          if p.endswith("embed_tokens"))
+    head = next((m for p, m in model.named_modules() if p.endswith("lm_head")), None) or \
+        next(m for p, m in model.named_modules() if p.endswith("embed_tokens"))
     transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
     flash = lambda budget=None: plan(None, cfg, resident, sum(predictors), budget, transient=transient, item=item,
                                      total=total)

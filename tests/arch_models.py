@@ -57,7 +57,7 @@ __all__ = ["ARCHS", "RELU_FAMILY", "RELU_ACTIVATIONS", "QUANT_VARIANTS", "arch_c
            "mlx_classes", "reference_model", "reference_logits"]
 
 # The architectures mlx-flash builds with mlx-lm's classes (OPT, which mlx-lm lacks, is tested elsewhere).
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "olmo2", "granite"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "phi3", "olmo2", "granite"]
 
 # ReLU-family checkpoints: name -> (base architecture, whose mlx-lm class holds the weights; config keys
 # that select the activation). The config spellings live here and only here.
@@ -149,6 +149,14 @@ def arch_config(arch: str) -> dict:
                       final_logit_softcapping=None, attention_bias=False, eos_token_id=[EOS])
         del cfg["hidden_act"], cfg["tie_word_embeddings"]
         return cfg
+    if arch == "gemma3":  # gemma-3-4b-it as published: image-text, the language model's config nested
+        text = {k: v for k, v in arch_config("gemma3_text").items()
+                if k not in ("architectures", "torch_dtype", "bos_token_id", "eos_token_id")}
+        return {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+                "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8, "patch_size": 14},
+                "mm_tokens_per_image": 256, "image_token_index": VOCAB - 1, "vocab_size": VOCAB,
+                "bos_token_id": BOS, "eos_token_id": [EOS], "max_position_embeddings": 256,
+                "torch_dtype": "float32"}
     if arch == "phi3":  # Phi-3-mini: fused qkv_proj and gate_up_proj, untied, no head_dim key
         cfg = _common("Phi3ForCausalLM", "phi3", original_max_position_embeddings=256, sliding_window=255,
                       embd_pdrop=0.0, resid_pdrop=0.0, attention_bias=False, pad_token_id=EOS)
@@ -202,8 +210,13 @@ def _mlx_class(config: dict):
     return Model(Args.from_dict(config))
 
 
+def _text(config: dict) -> dict:
+    """The language model's config (Gemma 3's image-text checkpoints nest it)."""
+    return config.get("text_config", config)
+
+
 def _tied(config: dict) -> bool:
-    return config.get("tie_word_embeddings", config["model_type"] == "gemma3_text")
+    return config.get("tie_word_embeddings", config["model_type"] in ("gemma3_text", "gemma3"))
 
 
 def random_weights(config: dict, seed: int = 0) -> dict:
@@ -211,9 +224,10 @@ def random_weights(config: dict, seed: int = 0) -> dict:
     model = _mlx_class(config)
     params = dict(tree_flatten(model.parameters()))
     rng = np.random.default_rng(seed)
-    d = config["hidden_size"]
-    neutral = 0.0 if config["model_type"] == "gemma3_text" else 1.0  # Gemma: x * (1 + w)
-    embed_std = _EMBED_STD.get(config["model_type"], 2.0 / np.sqrt(d))
+    d = _text(config)["hidden_size"]
+    gemma = config["model_type"] in ("gemma3_text", "gemma3")
+    neutral = 0.0 if gemma else 1.0  # Gemma: x * (1 + w)
+    embed_std = _EMBED_STD.get("gemma3_text" if gemma else config["model_type"], 2.0 / np.sqrt(d))
     residual_gain = 2.0 / config["residual_multiplier"] if "residual_multiplier" in config else 1.0
     out = {}
     for name in sorted(params):
@@ -230,8 +244,12 @@ def random_weights(config: dict, seed: int = 0) -> dict:
             gain = residual_gain if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
             w = gain * rng.standard_normal(shape) / np.sqrt(shape[-1])  # (out, in): fan_in = in
         out[name] = w.astype(np.float32)
-    if _tied(config):
-        out.pop("lm_head.weight", None)  # tied checkpoints do not store it (gemma3's sanitize ties then)
+    if _tied(config):  # tied checkpoints do not store it (gemma3's sanitize ties then)
+        out = {k: v for k, v in out.items() if not k.endswith("lm_head.weight")}
+    if config["model_type"] == "gemma3":  # the vision tower and projector, which the language model drops
+        out["vision_tower.vision_model.embeddings.patch_embedding.weight"] = rng.standard_normal(
+            (8, 14, 14, 3)).astype(np.float32)
+        out["multi_modal_projector.mm_input_projection_weight"] = rng.standard_normal((8, d)).astype(np.float32)
     if family(config) == "drelu":  # TurboSparse's predictors (x -> rank -> d_ff), drawn last
         r, f = SHIPPED_PREDICTOR_RANK, config["intermediate_size"]
         for i in range(config["num_hidden_layers"]):

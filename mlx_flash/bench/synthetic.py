@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import FlashError
 from ..format import BUNDLES_FILE, PAGE, RESIDENT_FILE, BundleLayout, FlashConfig, round_up
-from ..models.in_out import LAYOUT_KEY, in_out_paths, to_in_out
+from ..models.in_out import LAYOUT_KEY, in_out_paths, tied, to_in_out
 from .scale import GEOMETRIES as SCALE_GEOMETRIES
 from .scale import ActivationProcess, Geometry, write_bundles
 
@@ -48,7 +48,7 @@ def random_resident(config: dict, bits: int, group: int, seed: int, layout: str)
     for layer in model.layers:
         layer.mlp = nn.Module()
     if layout == "in-out":
-        paths = in_out_paths(model, "lm_head" not in model, group)
+        paths = in_out_paths(model, tied(model), group)
         to_in_out(model, paths, group, bits)
         config["quantization"][LAYOUT_KEY] = paths
     nn.quantize(model, group, bits, class_predicate=lambda p, m: hasattr(m, "to_quantized")

@@ -55,7 +55,7 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
         b.nbytes for b in down_bias if b is not None)
     # a quantized LM head casts its scales and biases to float32 every token (measured on the built-in model)
     embed = next(m for path, m in model.named_modules() if path.endswith("embed_tokens"))
-    head = model.lm_head if "lm_head" in model else embed
+    head = next((m for path, m in model.named_modules() if path.endswith("lm_head")), embed)
     transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
     # activations (and so the KV cache) take the dtype that embeddings meet the first norm in:
     # float32 for the built-in model, whose embeddings are float16 but whose norms are float32

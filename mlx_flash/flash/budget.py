@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from ..errors import FlashError
 from ..format import RESIDENT_FILE, FlashConfig
+from ..models.architectures import text_config
 from ..sizes import parse_budget
 from .bundle_reader import BUFFER_ALIGN
 from .predictor import TRAIN_BATCH
@@ -70,7 +71,7 @@ class Plan:
 
 def kv_bytes(cfg: FlashConfig, tokens: int, item: int = 4) -> int:
     """Keys and values of `tokens` tokens in every layer; item: bytes per element (the activations' dtype)."""
-    c = cfg.model_config
+    c = text_config(cfg.model_config)
     heads = c.get("num_key_value_heads") or c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     return c["num_hidden_layers"] * 2 * heads * head_dim * tokens * item
@@ -87,7 +88,7 @@ def working_bytes(cfg: FlashConfig, transient: int = 0, chunk: int = DEFAULT_PRE
     """Working memory: a token's logits, and a prompt chunk's activations (hidden states, attention
     projections, FFN hidden, predictor scores) and attention scores against the whole context,
     plus what the resident part allocates per token beyond its weights (`transient`)."""
-    c = cfg.model_config
+    c = text_config(cfg.model_config)
     heads = c["num_attention_heads"]
     logits = 2 * c["vocab_size"] * 4
     activations = chunk * (8 * cfg.d_model + 5 * cfg.d_ff) * item
@@ -200,7 +201,7 @@ def calibration_token_bytes(cfg: FlashConfig, seq_len: int) -> int:
     FFN inputs in float16, and per neuron |h| in float16, its active mask, the threshold's float32
     copies (or the float32 targets of predictor training, and their mirror in MLX), and the float32
     contributions |h| * ||down|| with the loss weights made from them (numpy and MLX)."""
-    heads = cfg.model_config.get("num_attention_heads", 1)
+    heads = text_config(cfg.model_config).get("num_attention_heads", 1)
     return cfg.d_model * (8 * 4 + 2 * 2) + heads * seq_len * 4 * 3 + cfg.d_ff * 32
 
 

@@ -41,6 +41,7 @@ class Architecture:
     bias_default: bool = False
     drelu: bool = False  # a "relu" activation applies to up as well as the gate (dReLU)
     skip: tuple = ()  # checkpoint keys with these parts are not the model's (predictors shipped inside)
+    nested: Optional[str] = None  # the config key holding the language model's own config (multimodal)
     norms: str = "post_attention_layernorm before"  # the norms around the FFN (documentation)
 
 
@@ -52,6 +53,11 @@ ARCHITECTURES = {
     "gemma3_text": Architecture("mlx_lm.models.gemma3_text", act_key="hidden_activation",
                                 act_default="gelu_pytorch_tanh",  # GeGLU
                                 norms="pre_feedforward_layernorm before, post_feedforward_layernorm after"),
+    # Gemma 3 4B-27B as published (image-text): mlx-lm's class keeps the language model and drops the
+    # vision tower in its sanitize; the geometry is in "text_config"
+    "gemma3": Architecture("mlx_lm.models.gemma3", act_key="hidden_activation", act_default="gelu_pytorch_tanh",
+                           nested="text_config",
+                           norms="pre_feedforward_layernorm before, post_feedforward_layernorm after"),
     "phi3": Architecture("mlx_lm.models.phi3", ffn="gate_up_proj (gate rows, then up rows), down_proj",
                          fused=True),
     "olmo2": Architecture("mlx_lm.models.olmo2", norms="none before, post_feedforward_layernorm after"),
@@ -81,9 +87,20 @@ def model_classes(config: dict):
     return module.Model, module.ModelArgs
 
 
+def text_config(config: dict) -> dict:
+    """The language model's config: the config itself, or its nested part (with the top level's
+    vocabulary size, which mlx-lm's Gemma 3 class gives it too)."""
+    nested = architecture(config).nested
+    if nested is None:
+        return config
+    inner = config.get(nested) or {}
+    return {**inner, "vocab_size": config.get("vocab_size", inner.get("vocab_size"))}
+
+
 def activation(config: dict) -> Tuple[str, float]:
     """The FFN's activation as FFNSpec names it, and FATReLU's threshold (0 for the others)."""
     arch = architecture(config)
+    config = text_config(config)
     act = config.get(arch.act_key) or arch.act_default
     if act == "fatrelu":  # ProSparse: `hidden_act_param` is the threshold below which values are zeroed
         return act, float(config.get("hidden_act_param", 0.0))
@@ -95,6 +112,7 @@ def activation(config: dict) -> Tuple[str, float]:
 def ffn_spec(config: dict) -> FFNSpec:
     arch = architecture(config)
     act, threshold = activation(config)
+    config = text_config(config)
     d_model = config["hidden_size"]
     return FFNSpec(d_model, config[arch.d_ff], arch.glu, bool(config.get(arch.bias_key, arch.bias_default)),
                    act, threshold)

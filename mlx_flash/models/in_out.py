@@ -96,6 +96,11 @@ class InOutEmbedding(nn.Module):
         return y[..., : self.num_embeddings]
 
 
+def tied(model: nn.Module) -> bool:
+    """Whether the model's LM head is its embedding (no module named lm_head anywhere in it)."""
+    return not any(path.endswith("lm_head") for path, _ in model.named_modules())
+
+
 def in_out_paths(model: nn.Module, tied: bool, group_size: int) -> list:
     """The float matrices outside the FFN a decode step multiplies by: every Linear whose outputs
     split into groups, and the embedding when it is tied to the LM head."""
