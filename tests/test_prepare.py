@@ -166,3 +166,15 @@ def test_estimate_command_for_the_readme_models():
                             "--estimate"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0, r.stderr
         assert "flash mode:" in r.stdout and "convert:" in r.stdout and "calibrate:" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [["--estimate"], []])
+def test_a_hub_id_without_the_hub_is_one_line(tmp_path, extra):
+    """The README's Hub commands, where the Hub cannot be reached (as here): one line, nothing written."""
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "mlx_flash.prepare", "--model", "mlx-community/Qwen3-8B-4bit",
+                        "--out", str(tmp_path / "q"), *extra], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "Hugging Face Hub" in errors[0], r.stderr
+    assert not (tmp_path / "q").exists()
