@@ -59,6 +59,21 @@ def smol_flash(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smol_calibrated(smol_flash, tmp_path_factory):
+    """The built-in model converted and calibrated with the defaults prepare() uses (once per session:
+    the quality tests and the README's commands share it)."""
+    import shutil
+
+    from mlx_flash.prepare import CALIBRATION_TOKENS
+    from mlx_flash.train_predictors import train
+
+    out = tmp_path_factory.mktemp("smolq") / "smollm2-135m"
+    shutil.copytree(smol_flash, out)
+    train(out, tokens=CALIBRATION_TOKENS, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_flash(tiny_model, tmp_path_factory):
     """trained_flash(name, convert={...}, **train_options) -> converted tiny model with calibrated
     predictors (made once per options)."""

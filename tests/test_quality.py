@@ -124,18 +124,6 @@ def test_greedy_match_finds_where_decoding_parts():
     assert m["per_prompt"][1]["dense_margin_there"] == 0.1
 
 
-@pytest.fixture(scope="module")
-def smol_calibrated(smol_flash, tmp_path_factory):
-    """The built-in model converted and calibrated with the defaults prepare() uses."""
-    from mlx_flash.prepare import CALIBRATION_TOKENS
-    from mlx_flash.train_predictors import train
-
-    out = tmp_path_factory.mktemp("smolq") / "smollm2-135m"
-    shutil.copytree(smol_flash, out)
-    train(out, tokens=CALIBRATION_TOKENS, progress=False)
-    return out
-
-
 def test_builtin_pins_the_massive_activations(smol_calibrated):
     """Layer 11 neuron 1229 fires at |h| ~ 2,500 on every sequence's first token (README, "Quality")."""
     p = FlashConfig.load(smol_calibrated).predictors
