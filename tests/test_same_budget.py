@@ -114,3 +114,17 @@ def test_bad_input_is_one_line(direct_root, capsys):  # noqa: F811
         assert msg in err and len(err.splitlines()) == 1
     with pytest.raises(FlashError):
         same_budget.check_args(same_budget.setup_arg_parser().parse_args(["--same-budget", "tiny", "--tokens", "1"]))
+
+
+def test_demo_prints_flash_against_naive_at_one_budget(direct_root, capsys):  # noqa: F811
+    """make demo's last act, on the tiny geometry: two rows at one budget, labelled synthetic."""
+    from mlx_flash import demo
+
+    demo.synthetic_comparison(["--same-budget", "tiny-ffn", "--dir", str(direct_root / "e2e-demo"), "--share",
+                               "200%", "--rows", "naive,all", "--quick", "--quiet"])
+    err = capsys.readouterr().err
+    assert "SYNTHETIC" in err and "budget" in err
+    naive = next(l for l in err.splitlines() if l.strip().startswith("naive mmap:"))
+    flash = next(l for l in err.splitlines() if l.strip().startswith("flash:") and "read/token" in l)
+    assert "MB read/token" in naive and "ms/token" in naive and "ms/token" in flash
+    assert "fewer bytes read per token" in err and "python -m mlx_flash.bench --same-budget tiny-ffn" in err
