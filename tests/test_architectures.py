@@ -19,7 +19,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from arch_models import ARCHS, QUANT_VARIANTS, RELU_FAMILY, make_arch, reference_logits, reference_model
 from mlx_flash.convert import convert
@@ -28,6 +27,7 @@ from mlx_flash.format import FlashConfig
 from mlx_flash.generate import stream
 from mlx_flash.load import load, load_flash
 from mlx_flash.train_predictors import train
+from test_flash import decode  # prompt pass, then greedy decoding with the model's cache
 
 FAMILY = list(RELU_FAMILY)
 ALL = ARCHS + FAMILY
@@ -39,18 +39,6 @@ CALIBRATION = dict(tokens=512, seq_len=64, epochs=2)  # tiny: predictors need on
 
 def logits(model, ids):
     return np.array(model(mx.array(ids)[None])[0].astype(mx.float32))
-
-
-def decode(model, ids, n_new=N_NEW):
-    """Prompt pass, then greedy decoding one token at a time with the model's own cache:
-    (all logits, new tokens)."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array(ids)[None], cache=cache)[0]]
-    toks = []
-    for _ in range(n_new):
-        toks.append(out[-1][-1].argmax().item())
-        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
-    return np.array(mx.concatenate(out).astype(mx.float32)), toks
 
 
 def rel_diff(a, b) -> float:
@@ -137,8 +125,8 @@ def test_cached_decoding_equals_mlx_lm(checkpoint, arch):
     """Each model with its own KV cache (gemma3_text: rotating caches for its sliding layers)."""
     folder = checkpoint(arch)
     model, _ = load(str(folder))
-    want, want_toks = decode(reference_model(folder), PROMPT)
-    got, got_toks = decode(model, PROMPT)
+    want, want_toks = decode(reference_model(folder), PROMPT, N_NEW)
+    got, got_toks = decode(model, PROMPT, N_NEW)
     assert got_toks == want_toks
     assert rel_diff(got, want) <= FLOAT_TOL
 
@@ -195,8 +183,8 @@ def test_flash_with_every_neuron_equals_dense(calibrated, arch, variant):
     every = [lambda x: mx.ones((x.shape[0], cfg.d_ff)) for _ in range(cfg.n_layers)]
     dense, _ = load(str(folder), mode="dense")
     flash, _ = load(str(folder), mode="flash", predictor=every, slots=cfg.d_ff)
-    want, want_toks = decode(dense, PROMPT)
-    got, got_toks = decode(flash, PROMPT)
+    want, want_toks = decode(dense, PROMPT, N_NEW)
+    got, got_toks = decode(flash, PROMPT, N_NEW)
     assert got_toks == want_toks
     assert rel_diff(got, want) <= FLOAT_TOL  # the window's neuron order sums in another order
     assert flash.flash_stats.snapshot()["truncations"] == 0
@@ -219,8 +207,8 @@ def test_relu_family_oracle_flash_equals_dense(calibrated, family, variant):
     folder = calibrated(family, variant)
     dense, _ = load(str(folder), mode="dense")
     flash, _ = load(str(folder), mode="flash", predictor=oracle(folder), window=1)
-    want, want_toks = decode(dense, PROMPT)
-    got, got_toks = decode(flash, PROMPT)
+    want, want_toks = decode(dense, PROMPT, N_NEW)
+    got, got_toks = decode(flash, PROMPT, N_NEW)
     assert got_toks == want_toks
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     s = flash.flash_stats.snapshot()

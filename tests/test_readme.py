@@ -9,7 +9,6 @@ names), must end in one clear line. `make demo`, `make test` and
 `. .venv/bin/activate` are the suite and the shell themselves, so they are not run here.
 """
 
-import os
 import re
 import runpy
 import shlex
@@ -85,14 +84,14 @@ def test_readme_lists_commands():
 
 
 def test_every_readme_command_runs_as_written(smol_calibrated, tmp_path, monkeypatch, capsys):
-    builtin = tmp_path / "prepared"  # the built-in model, prepared once per test session (prepare's default)
-    builtin.mkdir()
-    (builtin / "smollm2-135m").symlink_to(smol_calibrated)
     checkout = tmp_path / "checkout"
     (checkout / "models").mkdir(parents=True)
     (checkout / "models" / "configs").symlink_to(ROOT / "models" / "configs")
+    # the built-in model where its first flash command prepares it (the checkout's models/), prepared once
+    # per test session rather than by that command
+    (checkout / "models" / "smollm2-135m").symlink_to(smol_calibrated)
     monkeypatch.chdir(checkout)
-    monkeypatch.setenv("MLX_FLASH_MODELS", str(builtin))
+    monkeypatch.setenv("MLX_FLASH_MODELS", str(checkout / "models"))
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

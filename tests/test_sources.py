@@ -8,7 +8,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from arch_models import make_arch
 from mlx_flash.convert import convert

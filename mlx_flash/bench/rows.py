@@ -34,7 +34,7 @@ import numpy as np
 
 from ..baselines import DEFAULT_SHARE, attach_baseline, attach_dense_timed
 from ..errors import FlashError
-from ..flash.attach import attach_flash, plan_flash, resident_facts, smallest_budget, trained_predictors
+from ..flash.attach import attach_flash, resident_facts, smallest_budget, trained_predictors
 from ..flash.budget import DEFAULT_PREFILL_STEP, DEFAULT_THREADS, model_bytes
 from ..flash.neuron_cache import NeuronCache
 from ..format import FlashConfig
