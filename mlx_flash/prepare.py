@@ -49,7 +49,7 @@ def prepare(model: str = DEFAULT_MODEL, folder=None, announce=say, dram_budget=N
         predictors = FlashConfig.load(folder).predictors
         if predictors is None or "pinned" not in predictors:  # none yet, or from before outliers were pinned
             announce(f"calibrating sparsity and training the activation predictors of {folder} (once; "
-                     f"minutes on a CPU)")
+                     f"under a minute on a CPU)")
             train(folder, tokens=tokens, dram_budget=dram_budget, **(train_options or {}))
     return folder
 

@@ -15,11 +15,14 @@ flash.json).
 It works one layer at a time (sparsity.record_layers): memory holds the resident
 part, one layer's bundles and that layer's activations, so a model bigger than
 memory can be calibrated; --dram-budget is checked against that up front.
+At the end it says where the time went, in seconds per layer and phase (PHASES).
 """
 
 import argparse
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -48,10 +51,13 @@ from .sources import load_tokenizer
 PREDICTORS_FILE = "predictors.safetensors"
 DEFAULT_SPARSITY = 0.5  # non-ReLU models; chosen from measured perplexity (README, "Quality")
 DEFAULT_WINDOW = 5  # the paper's k
-DEFAULT_TOKENS = 2048  # a dense pass costs minutes on MLX's x86 CPU backend (~100 ms/token)
+DEFAULT_TOKENS = 2048  # SmolLM2-135M: ~25 s on 2 x86 cores (numpy on MLX's CPU backend: flash.predictor)
 DEFAULT_RECALL = 0.98  # measured: dense's greedy decoding reproduced (README, "Quality"); 0.95 parted at token 23
 DEFAULT_SEQ_LEN = 128  # every sequence starts like a prompt: 16 starts in the default 2,048 tokens
 DEFAULT_WEIGHT = "contribution"
+# where calibration's time goes, per layer: reading the layer and running the model up to its FFN, the
+# activation threshold and contributions, the outlier neurons, the predictor, its recall levels, window sizes
+PHASES = ("model pass", "thresholds", "pinning", "training", "levels", "windows")
 
 
 def fetch_hub_text(spec: str) -> str:
@@ -79,6 +85,7 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     weight: "contribution" (a positive's loss weighs what its miss costs) or "count".
     pin_ratio, pin_max: the outlier rule (flash.outliers); pin_max=0 pins nothing.
     Memory: the resident part, one layer's bundles and that layer's activations (record_layers)."""
+    start = time.perf_counter()
     folder = Path(folder)
     if not is_flash_folder(folder):
         raise FlashError(f"{folder} is not a converted flash model: run python -m mlx_flash.convert first")
@@ -95,44 +102,61 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
     ts, predictors, tables, pins, evidence = [], [], [], [], []
     looks, look_tables = [None], [None]  # layer 0 has no layer before it
+    seconds = dict.fromkeys(PHASES, 0.0)
     bar = tqdm(total=cfg.n_layers, desc=f"calibrating and training predictors on {windows.size} tokens",
                unit="layer", disable=not progress)
+    clock = [0.0]  # when the phase being timed began
+
+    def lap(phase: str):
+        now = time.perf_counter()
+        seconds[phase] += now - clock[0]
+        clock[0] = now
 
     def on_layer(a: LayerActivations):
         """Layer l's threshold, predictor and window sizes, while its activations are at hand."""
+        lap("model pass")
         ts.append(threshold(a.h, cfg.activation, sparsity))
         contribution = a.h.astype(np.float32) * down_norms(a.ffn, cfg.d_ff)  # (N, d_ff) |h_tj| * ||down_j||
         active = active_mask(a.h, ts[-1])
+        lap("thresholds")
         largest = np.where(active, contribution, 0).max(axis=0)
         pins.append(pinned_neurons(largest, pin_ratio, pin_max))
         evidence.append(ratios(largest))
         covered = np.square(contribution[:, pins[-1]] * active[:, pins[-1]]).sum(axis=1)  # (N,)
         active[:, pins[-1]] = False  # pinned neurons are computed every token: not the predictor's to find
+        lap("pinning")
         p, by_recall = train_layer(a.x, active, ranks[a.layer], epochs=epochs, target_recall=target_recall,
-                                   contribution=contribution, weight=weight, covered=covered)
+                                   contribution=contribution, weight=weight, covered=covered, seconds=seconds)
+        clock[0] = time.perf_counter()  # train_layer counted its own
         reports = list(by_recall.values())
         for r, union in zip(reports, window_union_p99(p, a.x, [r.tau for r in reports], window, a.seq_len)):
             r.union_p99 = union  # neurons a window of `window` tokens holds at this threshold
         p.set_dtype(mx.float16)  # as stored: half the memory while the other layers train
         predictors.append(p)
         tables.append(by_recall)
+        lap("windows")
         if lookahead and a.prev_x is not None:  # the same targets, from the layer before's input
             q, by_recall_q = train_layer(a.prev_x, active, ranks[a.layer], epochs=epochs,
                                          target_recall=target_recall, contribution=contribution, weight=weight,
-                                         covered=covered)
+                                         covered=covered, seconds=seconds)
             q.set_dtype(mx.float16)
             looks.append(q)
             look_tables.append(by_recall_q)
+            clock[0] = time.perf_counter()
         r = by_recall[target_recall]
-        bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}")
+        bar.set_postfix(recall=f"{r.recall:.3f}", predicted=f"{r.predicted_share:.2f}",
+                        s_per_layer=f"{sum(seconds.values()) / len(ts):.2f}")
         bar.update()
 
+    clock[0] = time.perf_counter()
     try:
         with returning_freed_memory(dram_budget is not None):
             record_layers(model, windows, loader, on_layer, CALIBRATION_CHUNK)
     finally:
         loader.close()
         bar.close()
+    if progress:
+        print(timing_line(seconds, cfg.n_layers, time.perf_counter() - start), file=sys.stderr)
     reports = [t[target_recall] for t in tables]
     union_p99 = [r.union_p99 for r in reports]
     levels = {str(k): {"tau": [t[k].tau for t in tables], "recall": [t[k].recall for t in tables],
@@ -173,6 +197,15 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     tmp.write_text(json.dumps(cfg.to_json(), indent=1))
     os.replace(tmp, folder / CONFIG_FILE)
     return entry
+
+
+def timing_line(seconds: dict, n_layers: int, total: float) -> str:
+    """Where calibration's time went: seconds per layer, by phase, and the rest (loading the tokenizer
+    and the resident part, cutting the text into sequences)."""
+    per_layer = sum(seconds.values()) / n_layers
+    parts = ", ".join(f"{k} {v / n_layers:.2f}" for k, v in seconds.items())
+    return (f"calibration took {total:.1f} s: {per_layer:.2f} s per layer ({parts}), "
+            f"{total - per_layer * n_layers:.1f} s setup (tokenizer, text, resident weights)")
 
 
 def lookahead_entry(tables: list, target_recall: float) -> dict:

@@ -114,6 +114,59 @@ def test_trained_predictors_report(trained_flash):
     assert (folder / p["file"]).is_file()
 
 
+@pytest.mark.parametrize("name, convert_options", [
+    ("llama_silu_tied", {}), ("opt_pre_ln", {}), ("llama_silu_tied", {"quantize": 4, "resident_layout": "in-out"}),
+    ("llama_relu_untied", {"quantize": 4, "resident_layout": "out-in"})], ids=["silu", "opt", "q4-in-out", "q4-out-in"])
+def test_numpy_calibration_pass_is_mlxs(tiny_flash, monkeypatch, name, convert_options):
+    """On MLX's CPU backend the calibration pass multiplies in numpy (sparsity.record_layers): the same
+    FFN inputs and activations as MLX's, and the model's linears are its own again after it."""
+    from mlx_flash.flash import sparsity
+    from mlx_flash.load import LayerLoader, load_resident
+    from mlx_flash.sources import load_tokenizer
+
+    folder = tiny_flash(name, **convert_options)
+    cfg = FlashConfig.load(folder)
+    windows = sparsity.token_windows(load_tokenizer(folder), "The quick brown fox jumps over the lazy dog. " * 40,
+                                     96, 32)
+    model, down_bias = load_resident(folder, cfg)
+    linears = [type(m).__name__ for _, m in model.layers[0].named_modules()]
+    seen = {}
+    for numpy in (True, False):
+        monkeypatch.setattr(sparsity, "numpy_is_faster", lambda: numpy)
+        loader = LayerLoader(folder, cfg, model.ffn_spec, down_bias)
+        got = seen[numpy] = []
+        sparsity.record_layers(model, windows, loader, lambda a: got.append((a.x, a.h, a.y_norm)), chunk=40)
+        loader.close()
+        assert [type(m).__name__ for _, m in model.layers[0].named_modules()] == linears
+    for (x, h, y), (x0, h0, y0) in zip(seen[True], seen[False]):
+        np.testing.assert_allclose(x.astype(np.float32), x0.astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(h.astype(np.float32), h0.astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(y, y0, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight", ["contribution", "count"])
+def test_numpy_training_is_mlxs(monkeypatch, weight):
+    """On MLX's CPU backend the predictors train in numpy (flash.predictor): the same initial weights,
+    batches, loss and AdamW steps as MLX's, so the same weights and thresholds."""
+    from mlx_flash.flash import predictor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 32)).astype(np.float16)
+    h = np.abs(x.astype(np.float32) @ rng.standard_normal((32, 96)) + rng.standard_normal((400, 96)))
+    y = h > np.median(h)
+    trained = {}
+    for numpy in (True, False):
+        monkeypatch.setattr(predictor, "numpy_is_faster", lambda: numpy)
+        trained[numpy] = predictor.train_layer(x, y, 8, epochs=3, batch=64, contribution=h.astype(np.float32),
+                                               weight=weight)
+    (p, reports), (p0, reports0) = trained[True], trained[False]
+    for a, b in zip((p.down.weight, p.up.weight, p.up.bias), (p0.down.weight, p0.up.weight, p0.up.bias)):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+    assert reports.keys() == reports0.keys()
+    for r in reports:
+        assert abs(reports[r].tau - reports0[r].tau) < 1e-4 and abs(reports[r].recall - reports0[r].recall) < 1e-3
+
+
 def test_threshold_sparsity_for_glu(trained_flash):
     folder = trained_flash("llama_silu_tied", sparsity=0.6)
     p = FlashConfig.load(folder).predictors

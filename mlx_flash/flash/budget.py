@@ -27,7 +27,8 @@ from ..format import RESIDENT_FILE, FlashConfig
 from ..models.architectures import text_config
 from ..sizes import parse_budget
 from .bundle_reader import BUFFER_ALIGN
-from .predictor import TRAIN_BATCH
+from .predictor import TRAIN_BATCH, numpy_is_faster
+from .sparsity import float_block
 
 DEFAULT_THREADS = 32  # the paper's
 DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
@@ -213,6 +214,9 @@ def calibration_parts(cfg: FlashConfig, resident: int, ranks: List[int], tokens:
     # one at a time: a chunk's FFN (gate, up, h in float32), a training step's scores, loss and
     # gradients, or one sequence's predicted sets and their running counts (window sizes)
     working = cfg.d_ff * max(CALIBRATION_CHUNK * 4 * 3, min(tokens, TRAIN_BATCH) * 4 * 8, seq_len * 17)
+    if numpy_is_faster():  # the numpy pass (sparsity.record_layers): a block of the layer's rows in float32,
+        layer += 3 * 4 * cfg.d_model * float_block(cfg.d_model, cfg.d_ff)
+        working = max(working, 3 * 4 * cfg.d_model ** 2)  # or an attention matrix (fused QKV at most)
     return {"resident weights": resident, "predictors": predictors, "one FFN layer": layer, "working memory": working,
             f"activations of {tokens} tokens": tokens * calibration_token_bytes(cfg, seq_len)}
 

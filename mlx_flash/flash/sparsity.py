@@ -8,6 +8,9 @@
 `record_layers` runs a dense model over text one layer at a time and hands each
 layer's FFN inputs and hidden activations (the training data of its predictor)
 to the per-layer work, so that a model bigger than memory can be calibrated.
+On MLX's CPU backend its matmuls (the FFN's, and the attention's projections) run in
+numpy on float32 weights dequantized a block at a time: 10x faster there
+(flash.predictor.numpy_is_faster).
 """
 
 from dataclasses import dataclass
@@ -20,10 +23,13 @@ import numpy as np
 
 from ..errors import FlashError
 from ..models.architectures import RELU_FAMILY
+from ..models.in_out import InOutLinear
+from .predictor import numpy_is_faster
 
 DATA = Path(__file__).resolve().parent.parent / "data"  # mlx_flash/data
 CALIBRATION_TEXT = DATA / "calibration.txt"
 HELDOUT_TEXT = DATA / "heldout.txt"
+FLOAT_BLOCK_BYTES = 32 << 20  # float32 weights of the FFN's neuron rows dequantized at once (numpy pass)
 
 
 def is_relu(activation: str) -> bool:
@@ -151,16 +157,23 @@ class _Recorder(nn.Module):
         flat = x.reshape(-1, D)  # (N, d_model)
         xs = np.array(flat.astype(mx.float16))
         hs = np.empty((len(xs), ffn.spec.d_ff), dtype=np.float16)
-        norms = np.empty(len(xs), dtype=np.float32)
-        ys = []
-        for i in range(0, len(xs), run.chunk):  # (chunk, d_ff) activations at a time, not (N, d_ff)
-            h = ffn.activations(flat[i : i + run.chunk])
-            y = ffn.down(h)
-            norm = mx.linalg.norm(y.astype(mx.float32), axis=-1)
-            mx.eval(h, y, norm)
-            hs[i : i + len(h)] = np.array(mx.abs(h).astype(mx.float16))
-            norms[i : i + len(h)] = np.array(norm)
-            ys.append(y if not run.last(l) else None)
+        if run.numpy and hasattr(ffn, "float_rows"):
+            dtype = ffn.down(ffn.activations(flat[:1])).dtype  # what MLX's FFN would return
+            y = _ffn_numpy(ffn, np.asarray(flat.astype(mx.float32)), hs, run.chunk)  # (N, d_model) float32
+            norms = np.linalg.norm(y, axis=-1)
+            ys = [None if run.last(l) else mx.array(y).astype(dtype)]
+            del y
+        else:
+            norms = np.empty(len(xs), dtype=np.float32)
+            ys = []
+            for i in range(0, len(xs), run.chunk):  # (chunk, d_ff) activations at a time, not (N, d_ff)
+                h = ffn.activations(flat[i : i + run.chunk])
+                y = ffn.down(h)
+                norm = mx.linalg.norm(y.astype(mx.float32), axis=-1)
+                mx.eval(h, y, norm)
+                hs[i : i + len(h)] = np.array(mx.abs(h).astype(mx.float16))
+                norms[i : i + len(h)] = np.array(norm)
+                ys.append(y if not run.last(l) else None)
         run.on_layer(LayerActivations(l, xs, hs, L, run.prev_x, ffn, norms))
         run.prev_x = xs
         run.done += 1
@@ -171,12 +184,108 @@ class _Recorder(nn.Module):
         return y
 
 
+def float_block(d_model: int, d_ff: int) -> int:
+    """Neuron rows whose gate, up and down the numpy pass holds in float32 at once."""
+    return max(1, min(d_ff, FLOAT_BLOCK_BYTES // (3 * 4 * d_model)))
+
+
+def _hidden_numpy(spec, g: Optional[np.ndarray], u: np.ndarray) -> np.ndarray:
+    """FFNSpec.hidden on (c, n) float32 numpy arrays (g None without a GLU), into a new array: in numpy
+    for SiLU and ReLU (MLX's CPU backend takes 20x longer over exp), by MLX for the others."""
+    a = u if g is None else g  # what the activation applies to
+    if spec.activation in ("silu", "swish"):
+        h = np.negative(a)
+        with np.errstate(over="ignore"):  # exp(-a) = inf: silu(a) = -0
+            np.exp(h, out=h)
+        h += 1
+        np.divide(a, h, out=h)  # a * sigmoid(a)
+    elif spec.activation == "relu":
+        h = np.maximum(a, 0)
+    else:
+        return np.asarray(spec.hidden(None if g is None else mx.array(g), mx.array(u)))
+    if g is not None:
+        h *= u
+    return h
+
+
+def _ffn_numpy(ffn, x: np.ndarray, hs: np.ndarray, chunk: int) -> np.ndarray:
+    """The FFN of (N, d_model) float32 inputs in numpy, neuron rows dequantized a block at a time and
+    tokens `chunk` at a time; fills hs, (N, d_ff) float16, with |h|; returns (N, d_model) float32."""
+    spec = ffn.spec
+    y = np.zeros((len(x), spec.d_model), dtype=np.float32)
+    block = float_block(spec.d_model, spec.d_ff)
+    for j in range(0, spec.d_ff, block):
+        rows = slice(j, min(j + block, spec.d_ff))
+        up, down = np.asarray(ffn.float_rows("up", rows)), np.asarray(ffn.float_rows("down", rows))  # (n, D)
+        gate = np.asarray(ffn.float_rows("gate", rows)) if spec.glu else None
+        bias = np.asarray(ffn.float_rows("bias", rows)) if spec.bias else None  # (n, 2) or (n, 1)
+        for i in range(0, len(x), chunk):
+            xi = x[i : i + chunk]
+            u = xi @ up.T  # (c, n)
+            g = None if gate is None else xi @ gate.T
+            if bias is not None:
+                u += bias[:, -1]
+                if g is not None:
+                    g += bias[:, 0]
+            h = _hidden_numpy(spec, g, u)  # (c, n) float32
+            hs[i : i + len(h), rows] = np.abs(h, out=u)
+            y[i : i + len(h)] += h @ down
+    if ffn.down_bias is not None:
+        y += np.asarray(ffn.down_bias.astype(mx.float32))
+    return y
+
+
+class _NumpyLinear(nn.Module):
+    """Stands in for a Linear, an (affine) QuantizedLinear or an InOutLinear of the resident part during
+    a numpy pass: its weight dequantized at float32 for the call (one matrix at a time), numpy multiplies."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+    def __call__(self, x: mx.array) -> mx.array:
+        m = self.linear
+        if isinstance(m, nn.Linear):
+            w, dtype = np.asarray(m.weight.astype(mx.float32)).T, mx.result_type(x.dtype, m.weight.dtype)
+        else:  # quantized (out, in) along in, or InOutLinear's (in, out) along out
+            w = np.asarray(mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32),
+                                         group_size=m.group_size, bits=m.bits))
+            w = w if isinstance(m, InOutLinear) else w.T
+            dtype = mx.result_type(x.dtype, m.scales.dtype)  # as quantized_matmul returns
+        y = np.asarray(x.astype(mx.float32)).reshape(-1, x.shape[-1]) @ w  # (N, in) @ (in, out)
+        if "bias" in m:
+            y += np.asarray(m.bias.astype(mx.float32))
+            dtype = mx.result_type(dtype, m.bias.dtype)
+        return mx.array(y).reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
+
+
+def _swap_linears(module: nn.Module, swapped: list):
+    """Put a _NumpyLinear in place of every Linear, affine QuantizedLinear and InOutLinear under `module`,
+    appending (parent, key, original) to `swapped` to put them back."""
+
+    def visit(parent, key, child):
+        if isinstance(child, (nn.Linear, InOutLinear)) or (isinstance(child, nn.QuantizedLinear)
+                                                           and getattr(child, "mode", "affine") == "affine"):
+            swapped.append((parent, key, child))
+            parent[key] = _NumpyLinear(child)
+        elif isinstance(child, dict):  # modules too
+            for k, v in list(child.items()):
+                visit(child, k, v)
+        elif isinstance(child, list):
+            for k, v in enumerate(child):
+                visit(child, k, v)
+
+    for k, v in module.children().items():
+        visit(module, k, v)
+
+
 @dataclass
 class _Pass:
     ffn_for: Callable[[int], nn.Module]
     on_layer: Callable[[LayerActivations], None]
     n_layers: int
     chunk: int
+    numpy: bool  # the FFN's and the attention's matmuls in numpy (MLX's CPU backend)
     prev_x: Optional[np.ndarray] = None
     done: int = 0
 
@@ -191,17 +300,23 @@ def record_layers(model, windows: np.ndarray, ffn_for: Callable[[int], nn.Module
     `on_layer` does that layer's work before the next layer is read. Peak memory: the resident part,
     one layer's FFN and one layer's activations, whatever the number of layers.
 
-    ffn_for(l) returns a provider with `spec`, `activations(x)` and `down(h)` (models.ffn)."""
+    ffn_for(l) returns a provider with `spec`, `activations(x)` and `down(h)` (models.ffn), and
+    `float_rows` for the numpy pass (models.ffn.BundleFFN)."""
     layers = model.layers
     originals = [l.mlp for l in layers]
-    run = _Pass(ffn_for, on_layer, len(layers), chunk)
+    run = _Pass(ffn_for, on_layer, len(layers), chunk, numpy_is_faster())
     for i, layer in enumerate(layers):
         layer.mlp = _Recorder(i, run)
+    swapped = []  # the attention's linears, computed by numpy
     try:
+        for layer in layers if run.numpy else []:
+            _swap_linears(layer, swapped)
         model(mx.array(windows))
     except _LastLayerDone:
         pass
     finally:
+        for parent, key, linear in swapped:
+            parent[key] = linear
         for layer, f in zip(layers, originals):
             layer.mlp = f
     assert run.done == len(layers)
@@ -221,9 +336,14 @@ def active_mask(h: np.ndarray, t: float) -> np.ndarray:
 
 def down_norms(ffn, d_ff: int, chunk: int = 1024) -> np.ndarray:
     """(d_ff,) float32: ||down_j||, the norm of what neuron j adds to the FFN output per unit of |h_j|
-    (any FFN provider: its down projection applied to unit vectors, its bias taken off)."""
-    zero = ffn.down(mx.zeros((1, d_ff)))
+    (any FFN provider: its down projection applied to unit vectors, its bias taken off; the norms of
+    its down rows when it has them, models.ffn.BundleFFN.float_rows)."""
     out = np.empty(d_ff, dtype=np.float32)
+    if hasattr(ffn, "float_rows"):
+        for i in range(0, d_ff, chunk):
+            out[i : i + chunk] = np.array(mx.linalg.norm(ffn.float_rows("down", slice(i, i + chunk)), axis=-1))
+        return out
+    zero = ffn.down(mx.zeros((1, d_ff)))
     for i in range(0, d_ff, chunk):
         eye = mx.eye(min(chunk, d_ff - i), d_ff, k=i)  # (rows, d_ff): unit vectors e_i .. e_{i+rows}
         out[i : i + len(eye)] = np.array(mx.linalg.norm((ffn.down(eye) - zero).astype(mx.float32), axis=-1))

@@ -145,5 +145,16 @@ class BundleFFN(nn.Module):
     def down(self, h: mx.array) -> mx.array:
         return bundle_down(h, self.fields, self.down_bias, self.quant)
 
+    def float_rows(self, name: str, rows: slice = slice(None)) -> mx.array:
+        """Rows of field "gate", "up", "down" (down^T: neuron rows), (n, d_model), or "bias", (n, k), as
+        float32; quantized ones dequantized at float32 (what quantized_matmul computes with)."""
+        w = self.fields[name]
+        if not isinstance(w, tuple):
+            return w[rows].astype(mx.float32)
+        q, scales, biases = (v[rows] for v in w)
+        bits = self.quant.get(f"{name}_bits", self.quant["bits"])
+        return mx.dequantize(q, scales.astype(mx.float32), biases.astype(mx.float32),
+                             group_size=self.quant["group_size"], bits=bits)
+
     def __call__(self, x: mx.array) -> mx.array:
         return bundle_ffn(x, self.spec, self.fields, self.down_bias, self.quant)
