@@ -155,8 +155,9 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
     finally:
         loader.close()
         bar.close()
+    total = time.perf_counter() - start
     if progress:
-        print(timing_line(seconds, cfg.n_layers, time.perf_counter() - start), file=sys.stderr)
+        print(timing_line(seconds, cfg.n_layers, total), file=sys.stderr)
     reports = [t[target_recall] for t in tables]
     union_p99 = [r.union_p99 for r in reports]
     levels = {str(k): {"tau": [t[k].tau for t in tables], "recall": [t[k].recall for t in tables],
@@ -184,7 +185,9 @@ def train(folder, texts=None, sparsity=DEFAULT_SPARSITY, rank=None, last_rank=No
         "calibration": {"tokens": int(windows.size), "seq_len": seq_len, "sequences": len(windows),
                         "starts": "paragraph starts" + (", every other one as a chat" if
                                                         has_chat_template(tokenizer) else ""),
-                        "texts": [str(t) for t in texts] or ["mlx_flash/data/calibration.txt"]},
+                        "texts": [str(t) for t in texts] or ["mlx_flash/data/calibration.txt"],
+                        # where the time went on the machine that calibrated: all layers, by phase
+                        "seconds": {"total": round(total, 2), **{k: round(v, 2) for k, v in seconds.items()}}},
         "pinned": pins,
         "pin_rule": {"ratio": pin_ratio, "max_per_layer": pin_max, "largest_ratios": evidence},
         "lookahead": lookahead_entry(look_tables, target_recall) if lookahead and cfg.n_layers > 1 else None,

@@ -332,3 +332,23 @@ def test_sweep_over_budgets(trained_flash, tmp_path):
         w = res["summary"][bench.key("windowing", label)]  # the tiny model's overheads exceed its weights
         assert not w["fits"] and "cannot hold this model" in w["reason"]
     assert (tmp_path / "latency_vs_budget.png").is_file() and (tmp_path / "latency_breakdown_1.png").is_file()
+
+
+def test_calibration_command_times_each_rank(tmp_path, capsys):
+    """--calibration writes, converts and calibrates one layer at the geometry, once per rank default_ranks
+    gives, and projects the whole model from those layers; its files go unless --keep."""
+    res = bench.main(["--calibration", "tiny", "--tokens", "128", "--dir", str(tmp_path / "cal"), "--quiet",
+                      "--json", str(tmp_path / "cal.json")])
+    assert res["d_ff"] == 256 and res["tokens"] == 128 and 0.02 < res["true_share"] < 0.3  # the biases' ~10%
+    runs = res["by_rank"]
+    assert sum(r["layers"] for r in runs.values()) == scale.GEOMETRIES["tiny"].n_layers
+    for r in runs.values():
+        assert r["per_layer_s"] == pytest.approx(sum(r["by_phase_s"].values())) and r["by_phase_s"]["training"] > 0
+    assert res["projected_model_s"] == pytest.approx(
+        res["setup_s"] + sum(r["per_layer_s"] * r["layers"] for r in runs.values()))
+    assert json.loads((tmp_path / "cal.json").read_text())["geometry"] == "tiny"
+    assert not (tmp_path / "cal").exists()
+    assert "projected for all 2 layers" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--calibration", "opt-7b", "--dir", str(tmp_path / "x")])
+    assert "unknown geometry" in capsys.readouterr().err
