@@ -17,6 +17,8 @@ from .neuron_cache import NeuronBuffer, NeuronCache
 from .outliers import PinnedNeurons
 from .predictor import load_predictors
 from .prefetch import Prefetcher
+from .prompt import MODES as PROMPT_MODES
+from .prompt import PromptPass
 
 
 def trained_predictors(folder: Path, cfg: FlashConfig, recall: Optional[float] = None,
@@ -96,7 +98,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
                  max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
                  slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
                  predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: Optional[bool] = None,
-                 lookahead=None):
+                 lookahead=None, prompt_mode: str = "auto"):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
@@ -106,13 +108,17 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     prefetch: read each layer's predicted neurons while the layer before computes (flash.prefetch),
     with the trained lookahead predictors or `lookahead` (callables like `predictor`, None at layer 0).
     None: on when there are lookahead predictors and the budget holds them with their second staging
-    area (measured faster at the same budget: README, same-budget table), off otherwise."""
+    area (measured faster at the same budget: README, same-budget table), off otherwise.
+    prompt_mode: "auto" (per prompt and layer, from the predicted bytes), "pass" (every bundle, read
+    once in sequential slices through the staging area) or "window" (window steps): flash.prompt."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
             f"{folder} has no activation predictors: run python -m mlx_flash.train_predictors --model {folder}")
     if threads < 1:
         raise FlashError("--threads must be at least 1")
+    if prompt_mode not in PROMPT_MODES:
+        raise FlashError(f"--prompt-mode must be one of {', '.join(PROMPT_MODES)}")
     if predictor is None:
         predictors, taus = trained_predictors(folder, cfg, recall, predictor_bits)
     else:
@@ -140,12 +146,15 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     spec = model.ffn_spec
     staging = BundleBuffer(pl.staging_rows, cfg.layout)  # shared: layers run one after another
     scratch = staging.np.reshape(-1)  # row moves happen before a layer's reads, so they can share it
+    prompt = PromptPass(reader, staging)  # the staging area's halves, between a layer's own reads
+    reader.before_close.append(prompt.close)
     ffns = []
     for l, layer in enumerate(model.layers):
         buf = NeuronBuffer(pl.slots[l], cfg.layout, scratch)
         cache = NeuronCache(cfg.d_ff, pl.slots[l], pl.window, buffer=buf, coalesce_gap=coalesce_gap)
         layer.mlp = FlashFFN(l, spec, cfg.quantization, predictors[l], taus[l], buf, cache, reader, staging,
                              down_bias[l], stats, profile)
+        layer.mlp.prompt, layer.mlp.prompt_mode = prompt, prompt_mode
         if pl.pinned[l]:
             layer.mlp.pinned = PinnedNeurons(l, pl.pinned[l], cfg, reader, staging, scratch)
         ffns.append(layer.mlp)

@@ -14,7 +14,9 @@ Computing on every neuron in the window (not only this token's predicted ones)
 costs nothing extra to read and brings the output closer to dense.
 
 A prompt (L > 1) is cut into groups of consecutive tokens whose predicted union
-fits the buffer; each group is one window step.
+fits the buffer; each group is one window step. When those steps would read more
+than the layer's whole FFN, the prompt runs as one pass over every bundle instead
+(flash.prompt: exact, and the window refilled from its last tokens).
 """
 
 import time
@@ -26,6 +28,7 @@ import numpy as np
 
 from ..models.ffn import FFNSpec, bundle_ffn
 from .neuron_cache import load_active
+from .prompt import choose
 
 
 def to_host(a: mx.array) -> np.ndarray:
@@ -64,6 +67,11 @@ class FlashStats:
     truncations: int = 0
     prompt_io_s: float = 0.0
     prompt_bytes_read: int = 0
+    prompt_passes: int = 0  # layer calls whose prompt ran as one pass over every bundle (flash.prompt)
+    prompt_window_steps: int = 0  # window steps of prompts run as window steps
+    prompt_io_exposed_s: float = 0.0  # passes: waits for a slice not read yet
+    prompt_memory_s: float = 0.0  # passes: the windows' refill; window steps: their memory management
+    prompt_compute_s: float = 0.0  # passes: the FFN on the slices (window steps compute lazily: not in here)
     needed: int = 0  # neurons new to a window in decode (they had to come from disk, now or ahead)
     prefetched: int = 0  # bundles read ahead by the lookahead (flash.prefetch), decode
     prefetch_hits: int = 0  # of those, needed by their layer
@@ -112,6 +120,14 @@ class FlashStats:
             "truncations": self.truncations,
             "prompt_bytes_read": self.prompt_bytes_read,
             "prompt_ms_io": 1000.0 * self.prompt_io_s,
+            "prompt_ms_io_exposed": 1000.0 * self.prompt_io_exposed_s,
+            "prompt_ms_memory": 1000.0 * self.prompt_memory_s,
+            "prompt_ms_ffn": 1000.0 * self.prompt_compute_s,
+            "prompt_passes": self.prompt_passes,
+            "prompt_window_steps": self.prompt_window_steps,
+            "prompt_mode": ("pass" if self.prompt_passes and not self.prompt_window_steps else
+                            "window steps" if self.prompt_window_steps and not self.prompt_passes else
+                            "mixed" if self.prompt_passes else None),
             "prefetched_per_token": self.prefetched / t,  # bundles; x stride for bytes
             "prefetch_hit_rate": self.prefetch_hits / self.needed if self.prefetched and self.needed else None,
             "prefetch_precision": self.prefetch_hits / self.prefetched if self.prefetched else None,
@@ -139,6 +155,8 @@ class FlashFFN(nn.Module):
         # layer's input, its threshold, the next layer's FlashFFN, the shared Prefetcher
         self.lookahead, self.look_tau, self.next, self.prefetcher = None, 0.0, None, None
         self.pinned = None  # flash.outliers.PinnedNeurons, set by attach_flash: computed every token
+        # prompts: flash.prompt's PromptPass (shared by the layers) and its mode, set by attach_flash
+        self.prompt, self.prompt_mode = None, "window"
         self.freeze()
 
     def prefetch(self, neurons: np.ndarray):
@@ -198,8 +216,14 @@ class FlashFFN(nn.Module):
         elif self.layer == 0:
             s.prompt_tokens += len(pred)
 
+        groups = list(self.groups(pred))
+        if not decode and self.prompt is not None and \
+                choose(self.prompt_mode, pred, groups, self.cache.neuron_to_slot >= 0, self.spec.d_ff):
+            return self.prompt_pass(xs, pred, scores).reshape(shape)
+        if not decode:
+            s.prompt_window_steps += len(groups)
         outs = []
-        for a, b in self.groups(pred):
+        for a, b in groups:
             if outs:
                 mx.eval(outs[-1])  # the previous group's rows are about to move
             active = np.flatnonzero(pred[a:b].any(axis=0))
@@ -222,6 +246,8 @@ class FlashFFN(nn.Module):
             t6 = time.perf_counter()
             outs.append(y)
             s.add_read(step.read, (step.new - step.filled) * self.staging.layout.stride, decode)
+            if not decode:
+                s.prompt_memory_s += step.memory_s
             if decode:
                 s.memory_s += step.memory_s
                 s.io_s += step.io_s
@@ -245,3 +271,19 @@ class FlashFFN(nn.Module):
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         self._last = y
         return y.reshape(shape)
+
+    def prompt_pass(self, xs: mx.array, pred: np.ndarray, scores: np.ndarray) -> mx.array:
+        """The prompt's FFN over every bundle (flash.prompt); the window keeps the neurons predicted
+        for its last `window` tokens, best first."""
+        k = self.cache.window
+        warm = np.flatnonzero(pred[-k:].any(axis=0))
+        warm = warm[np.argsort(-scores[-k:, warm].max(axis=0), kind="stable")]
+        y, p = self.prompt.run(self.layer, xs, self.spec, self.quant, self.down_bias, self.cache, warm)
+        s = self.stats
+        s.add_read(p.read, p.read.bytes_read, decode=False)
+        s.prompt_passes += 1
+        s.prompt_io_exposed_s += p.io_exposed_s
+        s.prompt_memory_s += p.memory_s
+        s.prompt_compute_s += p.compute_s
+        self._last = y
+        return y

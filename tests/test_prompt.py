@@ -1,0 +1,127 @@
+"""Prompt mode (flash.prompt): a prompt over every bundle of each layer, read once in sequential slices.
+
+It computes every neuron, so its logits are dense's whatever the predictors say; the windows it leaves
+hold the neurons predicted for its last tokens; auto mode picks it only where window steps would read
+more than one pass; the bytes read are one pass per layer, through the planned staging area."""
+
+import gc
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from mlx_flash.errors import FlashError
+from mlx_flash.format import BUNDLES_FILE, FlashConfig, layer_view
+from mlx_flash.generate import stream
+from mlx_flash.load import load
+
+IDS = np.random.default_rng(1).integers(3, 500, 96).tolist()
+
+
+def logits(model, ids, n_new=0):
+    """The prompt's logits, then greedy decoding: (all logits, new tokens)."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(ids)[None], cache=cache)[0]]
+    toks = []
+    for _ in range(n_new):
+        toks.append(out[-1][-1].argmax().item())
+        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
+    return np.array(mx.concatenate(out).astype(mx.float32)), toks
+
+
+@pytest.mark.parametrize("name, convert_options", [
+    ("llama_silu_tied", {}), ("llama_silu_tied", {"quantize": 4}), ("opt_pre_ln", {}),
+    ("llama_relu_untied", {"quantize": 4})], ids=["glu", "glu-q4", "relu-opt", "relu-llama-q4"])
+def test_prompt_pass_equals_dense(trained_flash, name, convert_options):
+    """With the trained predictors (which miss neurons) and windows smaller than the FFN: the prompt's
+    logits are dense's, and it read every bundle of every layer once."""
+    folder = trained_flash(name, convert_options)
+    cfg = FlashConfig.load(folder)
+    dense, _ = load(str(folder), mode="dense")
+    flash, _ = load(str(folder), mode="flash", prompt_mode="pass", slots=cfg.d_ff // 4)
+    want, _ = logits(dense, IDS)
+    got, _ = logits(flash, IDS)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    s = flash.flash_stats.snapshot()
+    assert s["prompt_mode"] == "pass" and s["prompt_passes"] == cfg.n_layers
+    assert s["prompt_bytes_read"] == cfg.n_layers * cfg.d_ff * cfg.layout.stride
+    assert s["bytes_read_per_token"] == 0  # no decode yet
+
+
+def test_windows_after_a_prompt_hold_its_last_tokens_neurons(trained_flash):
+    """Each layer's window is the union of what its predictor named for the prompt's last `window`
+    tokens (best first when more than the rows), copied from the slices: decoding starts warm, and
+    with an exact predictor the whole generation is dense's."""
+    folder = trained_flash("llama_relu_untied")
+    cfg = FlashConfig.load(folder)
+    dense, _ = load(str(folder), mode="dense")
+    seen = {}
+
+    def exact(l, f):
+        def predict(x):
+            s = mx.abs(f(x))
+            seen[l] = np.array(s)  # the latest call's scores: (N, d_ff)
+            return s
+        return predict
+
+    oracle = [exact(l, layer.mlp.activations) for l, layer in enumerate(dense.layers)]
+    flash, _ = load(str(folder), mode="flash", prompt_mode="pass", predictor=oracle, window=3)
+    flash(mx.array(IDS)[None], cache=make_prompt_cache(flash))
+    assert flash.flash_stats.snapshot()["prompt_mode"] == "pass"
+    data = np.fromfile(folder / BUNDLES_FILE, dtype=np.uint8)
+    for l, layer in enumerate(flash.layers):
+        want = np.flatnonzero((seen[l][-3:] > 0).any(axis=0))
+        want = np.setdiff1d(want, flash.flash_plan.pinned[l])
+        c = layer.mlp.cache
+        if len(want) <= c.slots:
+            assert np.array_equal(np.sort(c.resident), want)
+        # the rows hold those neurons' bundles, byte for byte as on disk
+        disk = layer_view(data, cfg, l)[c.resident.astype(np.int64)]
+        row = c.buffer.rows(c.n)
+        assert np.array_equal(row, np.concatenate([disk[:, f.offset:f.offset + f.nbytes] for f in cfg.layout.fields],
+                                                  axis=1))
+    flash2, _ = load(str(folder), mode="flash", prompt_mode="pass", predictor=oracle, window=3)
+    want, want_toks = logits(dense, IDS, 8)
+    got, got_toks = logits(flash2, IDS, 8)
+    assert got_toks == want_toks
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    s = flash2.flash_stats.snapshot()
+    assert s["decode_tokens"] == 8 and s["bytes_read_per_token"] < cfg.n_layers * cfg.d_ff * cfg.layout.stride
+
+
+def test_auto_mode_passes_only_where_window_steps_would_read_more(trained_flash):
+    """Auto: a prompt whose window steps would read more than the layer's FFN runs as one pass; a short
+    one runs as window steps, as before."""
+    folder = trained_flash("opt_pre_ln")
+    cfg = FlashConfig.load(folder)
+    small = cfg.d_ff // 8  # windows of 1/8 of the FFN: a long prompt's groups read it several times over
+    model, _ = load(str(folder), mode="flash", slots=small)
+    logits(model, IDS)
+    s = model.flash_stats.snapshot()
+    assert s["prompt_mode"] == "pass" and s["prompt_bytes_read"] == cfg.n_layers * cfg.d_ff * cfg.layout.stride
+    steps, _ = load(str(folder), mode="flash", slots=small, prompt_mode="window")
+    logits(steps, IDS)
+    w = steps.flash_stats.snapshot()
+    assert w["prompt_mode"] == "window steps" and w["prompt_bytes_read"] > s["prompt_bytes_read"]
+    short, _ = load(str(folder), mode="flash", slots=small)
+    logits(short, IDS[:2])
+    assert short.flash_stats.snapshot()["prompt_mode"] == "window steps"
+    with pytest.raises(FlashError, match="prompt-mode"):
+        load(str(folder), mode="flash", prompt_mode="all")
+
+
+def test_prompt_pass_within_the_budget(trained_flash):
+    """The pass reads through the staging area the plan already counts: a long prompt in pass mode stays
+    within the smallest budget the plan accepts."""
+    folder = trained_flash("llama_relu_untied")
+    probe, _ = load(str(folder), mode="flash", max_kv_size=200, prefill_step=100)
+    budget = probe.flash_plan.total
+    probe.flash_reader.close()
+    del probe
+    gc.collect()
+    model, tok = load(str(folder), mode="flash", dram_budget=budget, max_kv_size=200, prefill_step=100,
+                      prompt_mode="pass")
+    out = list(stream(model, tok, IDS + IDS[:84], max_tokens=8))
+    assert out[-1].flash["prompt_passes"] == 2 * FlashConfig.load(folder).n_layers  # two chunks of 100
+    assert mx.get_peak_memory() <= budget, (mx.get_peak_memory(), budget)
