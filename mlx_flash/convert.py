@@ -37,6 +37,7 @@ from .format import (
     round_up,
 )
 from .flash.budget import check_prepare, returning_freed_memory
+from .models.architectures import architecture
 from .models.in_out import LAYOUT_KEY, LAYOUTS, default_layout, in_out_paths, tied, to_in_out
 from .sources import build_model, copy_tokenizer, default_folder, read_source, resolve
 from .system import release_pages
@@ -182,6 +183,12 @@ def convert(model: str, out: Path, dtype: str = None, quantize: int = None, grou
         size = path.stat().st_size
         check_prepare("convert this model", dram_budget, size, {GGUF_WHOLE: size})
     src = read_source(model)
+    if architecture(src.config).moe is not None:  # routed experts: one extent per expert, not neuron bundles
+        if down_bits or resident_layout:
+            raise FlashError("--down-bits and --resident-layout apply to neuron bundles, not to a mixture of experts")
+        from .convert_experts import convert_experts
+
+        return convert_experts(src, out, dtype, quantize, group_size, alignment, dram_budget, quiet)
     net = build_model(src.config, src.weights, lazy=True)
     src.weights = None  # the model holds the only reference: a layer's FFN is freed once bundled
     spec = net.ffn_spec

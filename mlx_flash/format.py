@@ -194,6 +194,9 @@ class FlashConfig:
             raise FlashError(f"{path} is corrupt: {e}")
         if d.get("format") != FORMAT_NAME:
             raise FlashError(f"{path} is not an mlx-flash model description")
+        if "experts" in d and "ffn" not in d:  # expert_format.ExpertStore's: load.load_flash reads it
+            raise FlashError(f"{folder} is a mixture-of-experts model: its routers pick the experts exactly, so it "
+                             f"has no neuron bundles or predictors; run it with generate --mode flash")
         if d.get("format_version") != FORMAT_VERSION:
             raise FlashError(
                 f"{path} has format version {d.get('format_version')}, this mlx-flash reads "

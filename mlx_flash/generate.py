@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .errors import FlashError, cli
 from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP
+from .flash.prompt import MODES as PROMPT_MODES
 from .load import MODES, load
 from .prepare import model_for
 from .sources import DEFAULT_MODEL
@@ -124,6 +125,8 @@ def stats_line(r: Response) -> str:
     read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
     if f and f.get("prefetch_hit_rate") is not None:
         read += f", prefetch hit rate {f['prefetch_hit_rate']:.2f}"
+    if f and f.get("prompt_mode"):  # flash.prompt: one pass over every bundle, or window steps
+        read += f" | prompt as {f['prompt_mode']}: {f['prompt_bytes_read'] / 1e6:.1f} MB read"
     return (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens/s, {ms:.1f} ms/token | "
@@ -148,7 +151,12 @@ def add_model_arguments(p):
                    help=f"flash mode: tokens of context (prompt + generated) the budget reserves KV cache for; "
                         f"longer requests are refused (default {DEFAULT_MAX_KV_SIZE})")
     p.add_argument("--prefill-step", type=int, default=None,
-                   help=f"flash mode: prompt tokens per forward pass (default {DEFAULT_PREFILL_STEP})")
+                   help=f"flash mode: prompt tokens per forward pass (default: the longest, up to the context, that "
+                        f"leaves the neuron windows their calibrated size; at least {DEFAULT_PREFILL_STEP})")
+    p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=None,
+                   help="flash mode: how a prompt's FFN is read: pass (every bundle once, in sequential slices: "
+                        "exactly dense), window (window steps, as decoding) or auto (default: per prompt and layer, "
+                        "whichever reads fewer bytes)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=None,
                    help="flash mode: read each layer's predicted neurons while the layer before computes (needs "
                         "train_predictors --lookahead; default: on when the model has lookahead predictors and the "
@@ -173,7 +181,7 @@ def setup_arg_parser():
 def flash_options(args) -> dict:
     opts = {"dram_budget": args.dram_budget, "window": args.window, "threads": args.threads,
             "recall": args.recall, "max_kv_size": args.max_kv_size, "prefill_step": args.prefill_step,
-            "prefetch": args.prefetch, "profile": args.profile or None}
+            "prefetch": args.prefetch, "profile": args.profile or None, "prompt_mode": args.prompt_mode}
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -195,8 +203,8 @@ def main(argv=None):
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch "
-                         "and --profile apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch, "
+                         "--prompt-mode and --profile apply to --mode flash only")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None

@@ -66,8 +66,9 @@ KV_STEP = 256  # tokens mlx-lm's KV cache grows by; flash mode allocates its who
 
 def instantiate(config: dict) -> nn.Module:
     """The architecture's model class (mlx-lm's, models/architectures.py) with every layer's FFN
-    replaced by the dense provider, `ffn_spec` set, and a KV cache that grows by `kv_step` tokens
-    (the modes set it to the context their budget reserves, so that it is allocated once)."""
+    replaced by the dense provider (a mixture of experts keeps its own), `ffn_spec` set, and a KV cache
+    that grows by `kv_step` tokens (the modes set it to the context their budget reserves, so that it is
+    allocated once)."""
     arch = architecture(config)  # an unknown model type is refused here, in one line
     Model, ModelArgs = model_classes(config)
     try:
@@ -75,10 +76,11 @@ def instantiate(config: dict) -> nn.Module:
         model = Model(ModelArgs.from_dict(config))
     except (TypeError, KeyError) as e:
         raise FlashError(f"config.json is missing a required field: {e}")
-    if (why := supported_activation(spec)) is not None:
-        raise FlashError(why)
-    for layer in model.layers:
-        layer.mlp = DenseFFN(spec, arch.fused)
+    if arch.moe is None:  # a mixture of experts keeps mlx-lm's MoE blocks (flash mode streams their experts)
+        if (why := supported_activation(spec)) is not None:
+            raise FlashError(why)
+        for layer in model.layers:
+            layer.mlp = DenseFFN(spec, arch.fused)
     model.ffn_spec = spec
     model.kv_step = KV_STEP
     own = getattr(model, "make_cache", None)

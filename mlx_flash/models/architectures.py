@@ -29,6 +29,21 @@ RELU_FAMILY = ("relu", "fatrelu", "drelu")
 
 
 @dataclass(frozen=True)
+class MoE:
+    """Where a mixture-of-experts architecture keeps its routed experts: a block in each MoE layer
+    with a router (d_model -> experts logits; top-k picks a token's experts) and mlx-lm's SwitchGLU,
+    which stacks the experts' gate, up and down projections (experts, out, in). Layers without the
+    block (Qwen3-MoE's `mlp_only_layers`) are dense and stay resident, as do shared experts."""
+
+    block: str  # the decoder layer's attribute holding the MoE block
+    switch: str  # the block's SwitchGLU: what flash mode streams (flash/experts.py)
+    router: str  # the block's router Linear
+    experts: str  # config key: routed experts per MoE layer
+    d_ff: str  # config key: an expert's hidden width
+    top_k: str = "num_experts_per_tok"  # config key: experts per token
+
+
+@dataclass(frozen=True)
 class Architecture:
     module: str  # the module that defines Model and ModelArgs
     ffn: str = "gate_proj, up_proj, down_proj"  # how the FFN's weights are named (documentation)
@@ -43,6 +58,7 @@ class Architecture:
     skip: tuple = ()  # checkpoint keys with these parts are not the model's (predictors shipped inside)
     nested: Optional[str] = None  # the config key holding the language model's own config (multimodal)
     norms: str = "post_attention_layernorm before"  # the norms around the FFN (documentation)
+    moe: Optional[MoE] = None  # routed experts, streamed whole (expert_bundles.py), instead of neurons
 
 
 ARCHITECTURES = {
@@ -68,10 +84,29 @@ ARCHITECTURES = {
     # down(relu(gate x) * relu(up x)); TurboSparse ships its own predictors inside the MLP
     "bamboo": Architecture("mlx_lm.models.llama", act_default="relu", drelu=True, skip=(".mlp.predictor.",)),
     "granite": Architecture("mlx_lm.models.granite", norms="post_attention_layernorm before; residual_multiplier"),
+    # mixtures of experts: mlx-lm's MoE blocks are kept, their SwitchGLU streamed expert by expert
+    "qwen3_moe": Architecture("mlx_lm.models.qwen3_moe", ffn="mlp.switch_mlp: gate_proj, up_proj, down_proj",
+                              moe=MoE("mlp", "switch_mlp", "gate", "num_experts", "moe_intermediate_size")),
+    "mixtral": Architecture("mlx_lm.models.mixtral", ffn="block_sparse_moe.switch_mlp: gate_proj, up_proj, down_proj",
+                            moe=MoE("block_sparse_moe", "switch_mlp", "gate", "num_local_experts",
+                                    "intermediate_size")),
+    "gpt_oss": Architecture("mlx_lm.models.gpt_oss", ffn="mlp.experts: gate_proj, up_proj, down_proj (biases)",
+                            act_default="swiglu_oai", bias_default=True, norms="post_attention_layernorm before",
+                            moe=MoE("mlp", "experts", "router", "num_local_experts", "intermediate_size")),
     "opt": Architecture("mlx_flash.models.opt", ffn="fc1, fc2 (renamed up_proj, down_proj)", d_ff="ffn_dim",
                         act_key="activation_function", act_default="relu", glu=False, bias_key="enable_bias",
                         bias_default=True, norms="final_layer_norm before (pre-LN) or after (post-LN)"),
 }
+
+
+def moe_blocks(model) -> dict:
+    """{layer index: its MoE block} of a model built from mlx-lm's class, for the layers that route to
+    experts (dense layers, and every layer of an architecture without experts, are left out)."""
+    moe = ARCHITECTURES[model.model_type].moe if model.model_type in ARCHITECTURES else None
+    if moe is None:
+        return {}
+    blocks = {l: getattr(layer, moe.block, None) for l, layer in enumerate(model.layers)}
+    return {l: b for l, b in blocks.items() if b is not None and moe.switch in b}
 
 
 def architecture(config: dict) -> Architecture:
@@ -114,6 +149,9 @@ def ffn_spec(config: dict) -> FFNSpec:
     act, threshold = activation(config)
     config = text_config(config)
     d_model = config["hidden_size"]
+    if arch.moe is not None:  # one expert's FFN
+        return FFNSpec(d_model, config[arch.moe.d_ff], True, bool(config.get(arch.bias_key, arch.bias_default)),
+                       act)
     return FFNSpec(d_model, config[arch.d_ff], arch.glu, bool(config.get(arch.bias_key, arch.bias_default)),
                    act, threshold)
 
