@@ -123,6 +123,8 @@ def stats_line(r: Response) -> str:
     rss_gb = peak_rss_bytes() / 1e9
     f = r.flash
     read = f"{f.get('bytes_read_per_token', 0) / 1e6:.3f} MB read/token" if f else "0 MB read/token (dense)"
+    if f and f.get("expert_hit_rate") is not None:  # a mixture of experts (flash/experts.py)
+        read += f", {f['experts_read_per_token']:.2f} experts read/token, expert hit rate {f['expert_hit_rate']:.2f}"
     if f and f.get("prefetch_hit_rate") is not None:
         read += f", prefetch hit rate {f['prefetch_hit_rate']:.2f}"
     if f and f.get("prompt_mode"):  # flash.prompt: one pass over every bundle, or window steps

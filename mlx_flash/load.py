@@ -19,7 +19,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import FlashError
+from .expert_format import is_moe_folder
 from .flash.attach import attach_flash
+from .flash.expert_attach import load_experts
 from .flash.bundle_reader import BundleBuffer, BundleReader
 from .format import (
     BUNDLES_FILE,
@@ -136,8 +138,13 @@ class LayerLoader:
 
 
 def load_flash(folder, mode: str = "dense", **flash_options):
-    """Load a converted model folder; returns (model, FlashConfig)."""
+    """Load a converted model folder; returns (model, FlashConfig), or (model, ExpertStore) for a mixture
+    of experts."""
     folder = Path(folder)
+    if is_moe_folder(folder):  # a mixture of experts: its experts streamed whole (flash/expert_attach.py)
+        model, store = load_experts(folder, mode, **flash_options)
+        model.flash_config = store
+        return model, store
     cfg = FlashConfig.load(folder)
     cfg.check_files(folder)
     model, down_bias = load_resident(folder, cfg)

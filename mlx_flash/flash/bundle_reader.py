@@ -127,8 +127,10 @@ class BundleReader:
     """
 
     def __init__(self, path, cfg: FlashConfig, threads: int = 32, direct: bool = True,
-                 verify: bool = True, max_chunk: int = MAX_CHUNK):
+                 verify: bool = True, max_chunk: int = MAX_CHUNK, unit: str = "neuron"):
+        """unit: what a bundle holds, for messages ("expert": expert_format.Extents stands for cfg)."""
         path = Path(path)
+        self.unit, self.bundle = unit, "bundle" if unit == "neuron" else f"{unit} extent"
         self.path = path / BUNDLES_FILE if path.is_dir() else path
         self.cfg, self.layout = cfg, cfg.layout
         self.threads, self.verify = max(1, threads), verify
@@ -319,7 +321,7 @@ class BundleReader:
                         left -= len(mv)
                     if crc != sink.stored_crc(scratch[k]):
                         i = neuron + k - first
-                        raise FlashError(f"{self.path}: corrupted bundle: layer {layer} neuron {i} at offset "
+                        raise FlashError(f"{self.path}: corrupted {self.bundle}: layer {layer} {self.unit} {i} at offset "
                                          f"{self.cfg.bundle_offset(layer, i)} (checksum mismatch)")
         return syscalls
 
@@ -363,9 +365,9 @@ class BundleReader:
             if zlib.crc32(mv[b : b + lay.nbytes]) != stored:
                 i = neuron + j
                 raise FlashError(
-                    f"{self.path}: corrupted bundle: layer {layer} neuron {i} at offset "
+                    f"{self.path}: corrupted {self.bundle}: layer {layer} {self.unit} {i} at offset "
                     f"{self.cfg.bundle_offset(layer, i)} (checksum mismatch)"
                 )
 
     def _error(self, layer, neuron, offset, why) -> FlashError:
-        return FlashError(f"cannot read {self.path}: layer {layer} neuron {neuron} at offset {offset}: {why}")
+        return FlashError(f"cannot read {self.path}: layer {layer} {self.unit} {neuron} at offset {offset}: {why}")

@@ -135,13 +135,17 @@ class NeuronBuffer:
         """(n, row_bytes) copy of rows [0, n) as packed bundles without padding (tests, checks)."""
         return np.concatenate([self._np[f.name][:n] for f in self.layout.fields], axis=1)
 
-    def fields(self, n: int) -> dict:
-        """Typed MLX views of rows [0, n) of every field (models.ffn.bundle_ffn's dict), without copies."""
+    def arrays(self, n: int) -> dict:
+        """Typed MLX views of rows [0, n) of every field, by field name, (n, *shape), without copies."""
         views = {}
         for name, _, _, dtype, shape in self._spec:
             v = self._mx[name][:n].view(dtype)  # (n, count), row-contiguous
             views[name] = v if len(shape) == 1 else v.reshape(n, *shape)
-        return group_fields(views)
+        return views
+
+    def fields(self, n: int) -> dict:
+        """Typed MLX views of rows [0, n) of every field (models.ffn.bundle_ffn's dict), without copies."""
+        return group_fields(self.arrays(n))
 
     def fill(self, rows, staged: np.ndarray):
         """Copy the fields of staged whole bundles (m, stride) into rows[k] (ascending, or a slice)."""

@@ -1,0 +1,208 @@
+"""Mixture-of-experts models with their experts streamed from SSD (expert_format, convert_experts,
+flash/expert_cache, flash/experts, flash/expert_attach), held against mlx-lm's own forward pass on tiny
+random checkpoints of every MoE architecture in the table, float and quantized."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from arch_models import reference_model
+from flash_fixtures import direct_root  # noqa: F401  (fixture)
+from moe_models import EXPERTS, MOE_ARCHS, TOP_K, make_moe
+
+from mlx_flash.convert import convert
+from mlx_flash.errors import FlashError
+from mlx_flash.expert_format import EXPERTS_FILE, ExpertStore
+from mlx_flash.flash.expert_cache import ExpertCache
+from mlx_flash.load import load_flash
+
+SLOTS = 3  # fewer than the 8 experts, more than a token's 2
+PROMPT = [1, 40, 7, 300, 12, 99]
+TOKENS = 32
+TOL = 1e-4  # max relative difference of the logits, float32
+
+
+@pytest.fixture(scope="module")
+def moe(direct_root):
+    """moe(arch, quantized, **convert_options) -> (source folder, converted folder), made once."""
+    made = {}
+
+    def get(arch, quantized=False, **opts):
+        key = (arch, quantized, tuple(sorted(opts.items())))
+        if key not in made:
+            name = f"{arch}-{'q' if quantized else 'f'}-{len(made)}"
+            src = direct_root / name
+            if not src.exists():
+                make_moe(src, arch, quantized=quantized)
+            made[key] = src, convert(str(src), direct_root / f"{name}.flash", quiet=True, **opts)
+        return made[key]
+
+    return get
+
+
+def generate_logits(model, tokens: int = TOKENS) -> np.ndarray:
+    """(prompt + tokens, vocab) logits: the prompt in one pass, then greedy decoding one token at a time."""
+    cache = make_prompt_cache(model)
+    out = [np.array(model(mx.array(PROMPT)[None], cache=cache)[0])]
+    for _ in range(tokens):
+        out.append(np.array(model(mx.array([[int(out[-1][-1].argmax())]]), cache=cache)[0]))
+    return np.concatenate(out)
+
+
+def teacher_logits(model, ids: list) -> np.ndarray:
+    """The same positions as generate_logits, fed the given tokens (so that two models see one sequence)."""
+    cache = make_prompt_cache(model)
+    out = [np.array(model(mx.array(PROMPT)[None], cache=cache)[0])]
+    for t in ids:
+        out.append(np.array(model(mx.array([[t]]), cache=cache)[0]))
+    return np.concatenate(out)
+
+
+def relative(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def caches(model) -> list:
+    return [m.cache for _, m in model.named_modules() if type(m).__name__ == "FlashExperts"]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "q4"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_flash_experts_equal_mlx_lm(moe, arch, quantized):
+    """Over a prompt and a 32-token generation with 3 slots of 8 experts: the logits are mlx-lm's; the reads
+    are the misses times an extent; the slot buffers are the ones allocated at load."""
+    src, folder = moe(arch, quantized)
+    ref = generate_logits(reference_model(src))
+    model, store = load_flash(folder, "flash", slots=SLOTS)
+    buffers = [(c.buffer, c.buffer.addresses) for c in caches(model)]
+    ours = teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]])
+    assert relative(ours, ref) <= TOL
+    assert all(c.slots == SLOTS < EXPERTS for c in caches(model)) and len(caches(model)) == len(store.moe_layers)
+    misses = sum(c.stats.misses for c in caches(model))
+    assert misses > 0 and model.flash_reader.stats.bytes_read == misses * store.layout.stride
+    assert sum(c.stats.evicted for c in caches(model)) > 0  # the slots were too few to keep every expert
+    assert all(buf.addresses == before for buf, before in buffers)  # never reallocated
+    snap = model.flash_stats.snapshot()
+    assert snap["decode_tokens"] == TOKENS and 0 < snap["expert_hit_rate"] < 1
+    assert snap["bytes_read_per_token"] == snap["experts_read_per_token"] * store.layout.stride
+
+
+def test_slots_are_the_switch_weights(moe):
+    """mlx-lm's SwitchGLU computes on the slot buffer itself: its weights share the buffer's memory."""
+    _, folder = moe("qwen3_moe", True)
+    model, _ = load_flash(folder, "flash", slots=SLOTS)
+    layer = next(m for _, m in model.named_modules() if type(m).__name__ == "FlashExperts")
+    weight = layer.glu.gate_proj.weight
+    assert weight.shape[0] == SLOTS
+    assert np.array(memoryview(weight), copy=False).ctypes.data in layer.cache.buffer.addresses
+
+
+def test_quantized_at_convert_equals_dense(moe):
+    """A float source quantized by convert --quantize 4: flash equals the folder's dense mode."""
+    _, folder = moe("mixtral", False, quantize=4, group_size=32)
+    store = ExpertStore.load(folder)
+    assert store.quantization == {"bits": 4, "group_size": 32} and store.layout.field("up_proj.scales")
+    dense, _ = load_flash(folder, "dense")
+    ref = generate_logits(dense, 12)
+    model, _ = load_flash(folder, "flash", slots=TOP_K)
+    assert relative(teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]]), ref) <= TOL
+
+
+def test_prompt_in_groups_that_fit_the_slots(moe):
+    """A prompt whose experts outnumber the slots runs in groups of tokens, each a window step, and equals
+    mlx-lm's forward pass."""
+    src, folder = moe("mixtral")
+    ids = np.random.default_rng(0).integers(3, 500, 24).tolist()
+    ref = np.array(reference_model(src)(mx.array(ids)[None])[0])
+    model, _ = load_flash(folder, "flash", slots=TOP_K)
+    assert relative(np.array(model(mx.array(ids)[None])[0]), ref) <= TOL
+    assert all(c.stats.steps > 3 for c in caches(model))
+    assert model.flash_stats.prompt_tokens == len(ids) and model.flash_stats.prompt_experts_read > 0
+
+
+def test_lookahead_changes_where_bytes_come_from_not_the_output(moe):
+    src, folder = moe("qwen3_moe")
+    plain, _ = load_flash(folder, "flash", slots=SLOTS)
+    ahead, _ = load_flash(folder, "flash", slots=SLOTS, prefetch=True)
+    a = generate_logits(plain, 16)
+    b = teacher_logits(ahead, [int(r.argmax()) for r in a[len(PROMPT) - 1 : -1]])
+    assert np.array_equal(a, b)
+    s, stride = ahead.flash_stats, ExpertStore.load(folder).layout.stride
+    assert s.prefetched > 0 and s.prefetch_hits + s.prefetch_wasted == s.prefetched
+    read_by_layers = s.needed - s.hits - s.prefetch_hits  # misses the prefetch did not cover
+    assert s.bytes_read == (read_by_layers + s.prefetched) * stride
+    snap = s.snapshot()
+    assert 0 <= snap["prefetch_hit_rate"] <= 1 and snap["prefetch_wasted_mb_per_token"] >= 0
+
+
+def test_expert_cache_evicts_least_recently_used_outside_the_window():
+    c = ExpertCache(experts=8, slots=3, window=1)
+    for experts in ([0, 1], [2], [0, 3]):  # the last evicts 1, the least recently used not needed now
+        new, slots = c.step(np.array(experts))
+        c.commit()
+    assert sorted(c.expert_in.tolist()) == [0, 2, 3] and c.slot_of[1] == -1
+    assert c.stats.hits == 1 and c.stats.misses == 4 and c.stats.evicted == 1
+    assert c.stats.window_evictions == 0  # 1 was last used two tokens ago, outside the window of 1
+    c.step(np.array([[4, 5]]))  # one token: evicts 2 (used at token 2, in the window) and 0
+    assert c.stats.window_evictions == 1
+    c.abort()  # the read failed: its experts stay out, their slots free
+    assert c.n == 1 and (c.slot_of[[4, 5]] == -1).all()
+
+
+def test_budget_plan_smallest_and_refusal(moe):
+    _, folder = moe("qwen3_moe", True)
+    model, _ = load_flash(folder, "flash", dram_budget=None)
+    pl = model.flash_plan
+    assert pl.slots == EXPERTS and pl.total == pl.resident + pl.kv_cache + pl.working + pl.staging + pl.buffers
+    smallest, _ = load_flash(folder, "flash", dram_budget=str(pl.smallest))
+    assert smallest.flash_plan.slots == TOP_K and smallest.flash_plan.total <= pl.smallest
+    with pytest.raises(FlashError, match=r"the smallest budget is .* MB \(\d+% of the model's") as e:
+        load_flash(folder, "flash", dram_budget=str(pl.smallest - 1))
+    assert "\n" not in str(e.value) and f"{pl.smallest / 1e6:.1f} MB" in str(e.value)
+
+
+def run_generate(*args):
+    p = subprocess.run([sys.executable, "-m", "mlx_flash.generate", *args], capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_generate_reports_experts_and_catches_a_corrupt_extent(moe, tmp_path):
+    _, folder = moe("gpt_oss", True)
+    rc, out, err = run_generate("--model", str(folder), "--mode", "flash", "-p", "hi", "-m", "4")
+    assert rc == 0, err
+    assert "experts read/token, expert hit rate" in err.strip().splitlines()[-1]
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    store = ExpertStore.load(bad)
+    with open(bad / EXPERTS_FILE, "r+b") as f:  # every expert of the first MoE layer gets one flipped byte
+        for e in range(store.num_experts):
+            f.seek(store.extents().bundle_offset(store.moe_layers[0], e) + 10)
+            b = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([b[0] ^ 0x55]))
+    rc, out, err = run_generate("--model", str(bad), "--mode", "flash", "-p", "hi", "-m", "2")
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"corrupted expert extent: layer {store.moe_layers[0]} expert" in err and "checksum" in err
+
+
+def test_wrong_use_is_one_line(moe, tmp_path):
+    src, folder = moe("mixtral")
+    with pytest.raises(FlashError, match="a token needs its 2 experts at once"):
+        load_flash(folder, "flash", slots=1)
+    with pytest.raises(FlashError, match="router is exact"):
+        load_flash(folder, "flash", recall=0.9)
+    with pytest.raises(FlashError, match="apply to neuron bundles"):
+        convert(str(src), tmp_path / "x", down_bits=4, quiet=True)
+    assert not (tmp_path / "x").exists()
+    p = subprocess.run([sys.executable, "-m", "mlx_flash.train_predictors", "--model", str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "mixture-of-experts" in p.stderr and "Traceback" not in p.stderr
+    cfg = json.loads((folder / "flash.json").read_text())
+    assert cfg["experts"]["layers"][0]["sha256"] and cfg["experts"]["file_size"] % 4096 == 0
