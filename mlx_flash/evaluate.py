@@ -206,8 +206,9 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
                     raise FlashError("--oracle compares with dense: use --mode both")
                 load_opts["predictor"] = oracle(folder, dense_ffns)
             model, cfg = load_flash(folder, "flash", **load_opts)
+            moe = not hasattr(cfg, "predictors")  # a mixture of experts: its router is exact (flash/experts.py)
             probes = None
-            if dense_ffns is not None:
+            if dense_ffns is not None and not moe:
                 ts = cfg.predictors["activation_threshold"]
                 probes = [LayerError(layer.mlp, d, t) for layer, d, t in zip(model.layers, dense_ffns, ts)]
                 for layer, probe in zip(model.layers, probes):
@@ -215,10 +216,12 @@ def evaluate(folder, text=None, tokens: int = DEFAULT_TOKENS, mode: str = "both"
             t0 = time.perf_counter()
             with tqdm(total=positions, desc="flash, token by token", unit="tok", disable=not progress) as bar:
                 lp = {k: [stepwise_logprobs(model, s, bar) for s in v] for k, v in ids.items()}
-            level = "oracle" if opts.get("oracle") else opts.get("recall") or cfg.predictors["target_recall"]
+            level = "router" if moe else "oracle" if opts.get("oracle") else opts.get("recall") or \
+                cfg.predictors["target_recall"]
             r = {"options": opts, "recall": level, "window": model.flash_plan.window,
-                 "sparsity_target": cfg.predictors.get("sparsity_target"), "activation": cfg.activation,
-                 "pinned": sum(map(len, cfg.predictors.get("pinned") or [])),
+                 "sparsity_target": None if moe else cfg.predictors.get("sparsity_target"),
+                 "activation": "experts" if moe else cfg.activation,
+                 "pinned": 0 if moe else sum(map(len, cfg.predictors.get("pinned") or [])),
                  "perplexity": perplexity(lp["long"][0], ids["long"][0]), "seconds": time.perf_counter() - t0,
                  "stats": model.flash_stats.snapshot(), "plan": model.flash_plan.to_dict()}
             if dense_lp is not None:
@@ -261,9 +264,15 @@ def markdown(r: dict) -> str:
         g = f.get("greedy")
         cols.append(f"{g['identical']}/{g['prompts']}" if g else "-")
         active = f"{f['ffn_share_active']:.1%}" if "ffn_share_active" in f else "-"
-        rows.append(f"| flash | {sp} | {f['recall']} | {f['window']} | {f['pinned']} | {active} | "
-                    f"{s['ffn_share_predicted']:.1%} | "
-                    f"{s['ffn_share_resident']:.1%} | {s['bytes_read_per_token'] / 1e6:.2f} | {f['perplexity']:.3f} | "
+        if s.get("expert_hit_rate") is not None:  # a mixture of experts: routed experts, and the slots' share
+            pl = f["plan"]
+            sp = f"experts, hit rate {s['expert_hit_rate']:.2f}"
+            predicted = s["experts_needed_per_token"] / (pl["moe_layers"] * pl["experts"])
+            held = pl["slots"] / pl["experts"]
+        else:
+            predicted, held = s["ffn_share_predicted"], s["ffn_share_resident"]
+        rows.append(f"| flash | {sp} | {f['recall']} | {f['window']} | {f['pinned']} | {active} | {predicted:.1%} | "
+                    f"{held:.1%} | {s['bytes_read_per_token'] / 1e6:.2f} | {f['perplexity']:.3f} | "
                     + " | ".join(cols) + " |")
     return "\n".join(rows)
 

@@ -206,3 +206,34 @@ def test_wrong_use_is_one_line(moe, tmp_path):
     assert p.returncode == 2 and "mixture-of-experts" in p.stderr and "Traceback" not in p.stderr
     cfg = json.loads((folder / "flash.json").read_text())
     assert cfg["experts"]["layers"][0]["sha256"] and cfg["experts"]["file_size"] % 4096 == 0
+
+
+def test_evaluate_and_server_report_experts(moe):
+    """evaluate: flash experts are dense's answers exactly, with the hit rate; the server's `flash` field
+    carries the expert statistics."""
+    import threading
+    import urllib.request
+
+    from mlx_flash.evaluate import evaluate, markdown
+    from mlx_flash.load import load
+    from mlx_flash.server import Engine, make_server
+
+    _, folder = moe("qwen3_moe", True)
+    r = evaluate(folder, tokens=12, starts=0, greedy_tokens=3, progress=False, configs=[{"slots": SLOTS}])
+    f = r["flash"][0]
+    assert f["perplexity_vs_dense"] == 0 and f["agreement"] == 1 and f["greedy"]["identical"] == 6
+    assert "experts, hit rate" in markdown(r) and f["stats"]["experts_read_per_token"] > 0
+
+    model, tokenizer = load(str(folder), mode="flash", slots=SLOTS)
+    httpd = make_server(Engine(model, tokenizer, folder.name, "flash", 100), "127.0.0.1", 0, quiet=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+        req = urllib.request.Request(httpd.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            flash = json.loads(resp.read())["flash"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert 0 <= flash["expert_hit_rate"] <= 1 and flash["experts_read_per_token"] >= 0 and "mb_read_per_token" in flash

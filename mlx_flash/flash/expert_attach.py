@@ -53,6 +53,7 @@ class ExpertPlan:
     staging: int
     buffers: int  # the slots of every MoE layer
     slots: int  # expert slots per MoE layer
+    experts: int  # routed experts per MoE layer
     smallest: int  # the smallest budget: top-k slots per layer
     moe_layers: int
     window: int
@@ -102,8 +103,8 @@ def plan_experts(store: ExpertStore, total: int, resident: int, transient: int =
         slots = store.num_experts if budget_bytes is None else \
             int(min(store.num_experts, max(0, budget_bytes - fixed) // per_slot))
     slots = min(slots, store.num_experts)
-    plan = ExpertPlan(budget_bytes, total, resident, kv, working, staging, align + slots * per_slot, slots, smallest,
-                      n, window, k, max_kv_size, prefill_step)
+    plan = ExpertPlan(budget_bytes, total, resident, kv, working, staging, align + slots * per_slot, slots,
+                      store.num_experts, smallest, n, window, k, max_kv_size, prefill_step)
     if budget_bytes is not None and (slots < k or plan.total > budget_bytes):
         raise FlashError(
             f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot run this model in flash mode: resident weights "
@@ -145,6 +146,7 @@ def slot_glu(glu: nn.Module, buffer: NeuronBuffer, store: ExpertStore) -> nn.Mod
     """mlx-lm's SwitchGLU `glu` computing on `buffer`'s slots: its stacked weights become the buffer's
     field arrays, (slots, out, in), the same memory the reads write into."""
     arrays = buffer.arrays(buffer.slots)
+    mx.eval(arrays)  # views, evaluated without a copy, here: a server computes on them from another thread
     q = store.quantization
     for proj in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(glu, proj)
