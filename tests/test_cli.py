@@ -39,8 +39,9 @@ def command_modules() -> list:
 def parsers() -> dict:
     """{command: parser} for every command, subcommands as 'module sub'."""
     out = {}
-    # bench --scale and --same-budget hand over to their modules' parsers
-    for name in command_modules() + ["mlx_flash.bench.scale", "mlx_flash.bench.same_budget"]:
+    # bench --scale, --same-budget and --calibration hand over to their modules' parsers
+    for name in command_modules() + ["mlx_flash.bench.scale", "mlx_flash.bench.same_budget",
+                                     "mlx_flash.bench.calibration"]:
         p = importlib.import_module(name).setup_arg_parser()
         out[name] = p
         for a in p._actions:

@@ -355,15 +355,16 @@ def test_prefetch_by_default_where_lookahead_predictors_and_the_budget_allow(tra
     decode(auto, PROMPT, 4)
     assert auto.flash_stats.prefetched > 0
     auto.flash_reader.close()
-    off, _ = load(str(folder), mode="flash", prefetch=False)
+    # a fixed prompt chunk: by default a tight budget would take prefetch's room from a shorter chunk
+    off, _ = load(str(folder), mode="flash", prefetch=False, prefill_step=128)
     assert not off.flash_prefetch and off.flash_plan.staging * 3 == auto.flash_plan.staging
     tight = off.flash_plan.total  # exactly what flash needs without prefetch
     off.flash_reader.close()
-    fallback, _ = load(str(folder), mode="flash", dram_budget=tight)
+    fallback, _ = load(str(folder), mode="flash", dram_budget=tight, prefill_step=128)
     assert not fallback.flash_prefetch and fallback.flash_plan.total <= tight
     fallback.flash_reader.close()
     with pytest.raises(FlashError):
-        load(str(folder), mode="flash", dram_budget=tight, prefetch=True)
+        load(str(folder), mode="flash", dram_budget=tight, prefetch=True, prefill_step=128)
     plain, _ = load(str(trained_flash("opt_pre_ln")), mode="flash")
     assert not plain.flash_prefetch
     plain.flash_reader.close()

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import FlashError
 from ..format import FlashConfig
-from .budget import (DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, Plan, model_bytes, plan,
+from .budget import (DEFAULT_MAX_KV_SIZE, DEFAULT_THREADS, Plan, model_bytes, plan,
                      predictor_level)
 from .bundle_reader import BundleBuffer, BundleReader
 from .ffn import FlashFFN, FlashStats
@@ -68,7 +68,7 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
 
 
 def plan_flash(model, folder: Path, cfg: FlashConfig, down_bias, predictors, dram_budget=None, window=None,
-               max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
+               max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: Optional[int] = None,
                slots: Optional[int] = None, recall: Optional[float] = None, prefetch: bool = False) -> Plan:
     """The budget plan of flash mode for this model and these predictors (flash.budget.plan);
     predictors: every predictor held in memory (lookahead ones included)."""
@@ -95,7 +95,7 @@ def smallest_budget(model, folder: Path, cfg: FlashConfig, down_bias, predictors
 
 def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=None, window=None,
                  threads: int = DEFAULT_THREADS, coalesce_gap: int = 0, direct: bool = True, verify: bool = True,
-                 max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: int = DEFAULT_PREFILL_STEP,
+                 max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: Optional[int] = None,
                  slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
                  predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: Optional[bool] = None,
                  lookahead=None, prompt_mode: str = "auto"):
@@ -103,7 +103,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
     predictor_bits: quantize the predictors to this many bits in memory (None: float16, as stored).
-    max_kv_size, prefill_step: the context reserved and the prompt chunk (flash.budget).
+    max_kv_size, prefill_step: the context reserved and the prompt chunk (flash.budget; None: planned).
     profile: time attention, prediction and FFN apart (extra host syncs; the benchmark).
     prefetch: read each layer's predicted neurons while the layer before computes (flash.prefetch),
     with the trained lookahead predictors or `lookahead` (callables like `predictor`, None at layer 0).

@@ -11,7 +11,10 @@ The context (`max_kv_size`, like mlx-lm's flag) is reserved whole: the KV cache 
 allocated once at that size (no growth by concatenation, which would briefly hold
 it twice), and prompts plus generated tokens beyond it are refused. Prompts are
 processed in chunks of `prefill_step` tokens (mlx-lm's prefill_step_size, set to
-match), whose attention scores and activations are the working memory planned.
+match), whose attention scores and activations are the working memory planned. By
+default the chunk is the longest (up to the context) that leaves the windows all the
+rows they want: each chunk of a long prompt is one pass over every layer's FFN
+(flash.prompt), so a longer chunk reads less before the first token.
 """
 
 import math
@@ -32,7 +35,9 @@ from .sparsity import float_block
 
 DEFAULT_THREADS = 32  # the paper's
 DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
-DEFAULT_PREFILL_STEP = 128  # prompt tokens per forward pass (mlx-lm's default 2048 would need 16x the memory)
+DEFAULT_PREFILL_STEP = 128  # prompt tokens per forward pass when the budget holds no more
+PREFILL_STEPS = (2048, 1024, 512, 256)  # tried first, largest first: a longer chunk is fewer passes over the FFN
+UNBUDGETED_PREFILL_STEP = 512  # without a budget: mlx-lm's 2048 would hold ~1 GB of a 7B model's attention scores
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
 
 
@@ -112,20 +117,21 @@ def predictor_level(p: dict, recall: Optional[float]) -> dict:
 
 def plan(folder: Optional[Path], cfg: FlashConfig, resident_bytes: int, predictor_bytes: int, budget=None,
          window: Optional[int] = None, max_kv_size: int = DEFAULT_MAX_KV_SIZE, slots: Optional[int] = None,
-         recall: Optional[float] = None, transient: int = 0, prefill_step: int = DEFAULT_PREFILL_STEP,
+         recall: Optional[float] = None, transient: int = 0, prefill_step: Optional[int] = None,
          item: int = 4, prefetch: bool = False, total: Optional[int] = None) -> Plan:
     """transient: what the resident part allocates per token beyond its weights; item: bytes per
     element of the activations and KV cache (see flash.attach.resident_facts); total: the model's
-    size when there is no folder yet (an estimate from its config: prepare --estimate)."""
+    size when there is no folder yet (an estimate from its config: prepare --estimate);
+    prefill_step: None chooses it (the module's docstring)."""
     p = predictor_level(cfg.predictors, recall)
     window = window or p["window"]
     if window < 1:
         raise FlashError("--window must be at least 1")
-    if max_kv_size < 1 or prefill_step < 1:
+    if max_kv_size < 1 or (prefill_step is not None and prefill_step < 1):
         raise FlashError("--max-kv-size and --prefill-step must be at least 1")
     total = total or model_bytes(folder, cfg)
     budget_bytes = parse_budget(budget, total)
-    chunk = min(prefill_step, max_kv_size)
+    chunk = min(prefill_step or DEFAULT_PREFILL_STEP, max_kv_size)
     working = working_bytes(cfg, transient, chunk, max_kv_size, item)
     kv = kv_bytes(cfg, max_kv_size, item)
     row = cfg.layout.field_bytes
@@ -145,6 +151,15 @@ def plan(folder: Optional[Path], cfg: FlashConfig, resident_bytes: int, predicto
     # a token's own predicted set must fit, or the window degenerates into truncation
     floor = [min(w, int(math.ceil(share * cfg.d_ff * 1.2)) + 8) for w, share in zip(wanted, p["predicted_share"])]
     fixed = resident_bytes + predictor_bytes + kv + working + staging + pinned_bytes
+    if prefill_step is None:  # the longest chunk that leaves the windows every row they want
+        windows = sum(wanted) * row + cfg.n_layers * align
+        for c in [min(c, max_kv_size) for c in PREFILL_STEPS if min(c, max_kv_size) > chunk]:
+            more = working_bytes(cfg, transient, c, max_kv_size, item) - working
+            fits = c <= UNBUDGETED_PREFILL_STEP if budget_bytes is None else \
+                fixed + more + windows <= budget_bytes
+            if fits:
+                chunk, working, fixed = c, working + more, fixed + more
+                break
     if budget_bytes is not None:
         room = budget_bytes - fixed
         need = sum(floor) * row + cfg.n_layers * align
