@@ -343,7 +343,7 @@ def test_calibration_command_times_each_rank(tmp_path, capsys):
     runs = res["by_rank"]
     assert sum(r["layers"] for r in runs.values()) == scale.GEOMETRIES["tiny"].n_layers
     for r in runs.values():
-        assert r["per_layer_s"] == pytest.approx(sum(r["by_phase_s"].values())) > 0
+        assert r["per_layer_s"] == pytest.approx(sum(r["by_phase_s"].values())) and r["per_layer_s"] > 0
     assert res["projected_model_s"] == pytest.approx(
         res["setup_s"] + sum(r["per_layer_s"] * r["layers"] for r in runs.values()))
     assert json.loads((tmp_path / "cal.json").read_text())["geometry"] == "tiny"
