@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-python test-swift clean
+.PHONY: demo test test-python test-swift clean peer
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-swift: $(STAMP)
 	@if command -v swift >/dev/null 2>&1 && [ -f Package.swift ]; then \
 		swift build && MLX_FLASH_PYTHON=$(CURDIR)/$(PY) MLX_FLASH_REQUIRE_LIVE=1 swift test --disable-swift-testing; \
 	else echo "swift not found: Swift tests not run"; fi
+
+# Optional: llama.cpp built from source, the benchmark's peer rows (~6 minutes on 2 cores; not part of `test`).
+peer: $(STAMP)
+	$(PY) -m mlx_flash.bench.peer_build
 
 clean:
 	rm -rf $(VENV) .build
