@@ -2,6 +2,7 @@
 
     python -m mlx_flash.generate --model smollm2-135m --prompt "The capital of France is"
     python -m mlx_flash.generate --model models/smollm2-135m --mode flash --dram-budget 0.6 --chat -p "Hi"
+    python -m mlx_flash.generate --chat        (a conversation on stdin, the KV cache kept between turns)
 
 Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
 --temp, --top-p, --seed). Generation is mlx-lm's own loop; only the FFN differs.
@@ -9,6 +10,7 @@ Flags follow mlx-lm's where they overlap (--model, --prompt, --max-tokens,
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
@@ -16,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
+from .conversation import Conversation
 from .errors import FlashError, cli
 from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP
 from .flash.prompt import MODES as PROMPT_MODES
@@ -43,6 +46,8 @@ class Response:
     peak_memory: float  # GB, MLX allocator
     finish_reason: Optional[str]
     flash: dict = field(default_factory=dict)  # cumulative flash statistics for this request
+    cached_tokens: int = 0  # of prompt_tokens, those a kept conversation's cache held (not computed)
+    ttft: float = 0.0  # seconds from the request to its first token
 
 
 def flash_snapshot(model) -> dict:
@@ -85,13 +90,17 @@ def check_context(model, prompt_tokens: int, max_tokens: int):
 
 
 def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT_TEMP,
-           top_p=DEFAULT_TOP_P, seed=None, stop=None) -> Iterator[Response]:
+           top_p=DEFAULT_TOP_P, seed=None, stop=None, conversation: Optional[Conversation] = None
+           ) -> Iterator[Response]:
     """mlx-lm's stream_generate with flash statistics attached and optional stop strings.
 
     prompt: text (used as is) or a list of token ids (e.g. from a chat template).
     The flash statistics are reset per call and count decode steps apart from the prompt.
     In flash mode the prompt is processed in the planned chunks, within the planned context.
+    conversation: the kept KV cache of the previous request (conversation.py): only the prompt's
+    tokens after the prefix it holds are computed.
     """
+    t0 = time.perf_counter()
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
@@ -100,22 +109,38 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
         stats.reset()
     options = {}
     plan = getattr(model, "flash_plan", None)
+    if isinstance(prompt, str) and (plan is not None or conversation is not None):  # as stream_generate would
+        bos = getattr(tokenizer, "bos_token", None)
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     if plan is not None:
-        if isinstance(prompt, str):  # as stream_generate would encode it
-            bos = getattr(tokenizer, "bos_token", None)
-            prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
-        check_context(model, len(prompt), max_tokens)
+        check_context(model, len(prompt), max_tokens)  # the whole context, cached part included
         options["prefill_step_size"] = plan.prefill_step
+    ids, held = prompt, 0
+    if conversation is not None:
+        options["prompt_cache"], held = conversation.reuse(ids)
+        prompt = ids[held:]
     stops = StopFilter(stop or [])
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, **options):
-        text, hit = stops.feed(r.text)
-        finish = "stop" if hit else r.finish_reason
-        if finish and not hit:
-            text += stops.flush()
-        yield Response(text, r.token, r.prompt_tokens, r.prompt_tps, r.generation_tokens,
-                       r.generation_tps, r.peak_memory, finish, flash_snapshot(model))
-        if hit:
-            return
+    generated, ttft = [], None
+    try:
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, **options):
+            generated.append(r.token)
+            ttft = ttft or time.perf_counter() - t0
+            text, hit = stops.feed(r.text)
+            finish = "stop" if hit else r.finish_reason
+            if finish and not hit:
+                text += stops.flush()
+            yield Response(text, r.token, held + r.prompt_tokens, r.prompt_tps, r.generation_tokens,
+                           r.generation_tps, r.peak_memory, finish, flash_snapshot(model), held, ttft)
+            if hit:
+                break
+    except GeneratorExit:  # the caller stopped between tokens: the cache holds a consistent prefix
+        pass
+    except BaseException:
+        if conversation is not None:
+            conversation.drop()  # a layer may have stored keys that the others did not
+        raise
+    if conversation is not None:
+        conversation.record(ids, generated)
 
 
 def stats_line(r: Response) -> str:
@@ -130,7 +155,8 @@ def stats_line(r: Response) -> str:
     if f and f.get("prompt_mode"):  # flash.prompt: one pass over every bundle, or window steps
         read += f" | prompt as {f['prompt_mode']}: {f['prompt_bytes_read'] / 1e6:.1f} MB read"
     return (
-        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"prompt: {r.prompt_tokens} tokens{f' ({r.cached_tokens} cached)' if r.cached_tokens else ''}, "
+        f"{r.prompt_tps:.1f} tokens/s, first token after {r.ttft:.2f} s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.2f} tokens/s, {ms:.1f} ms/token | "
         f"peak memory: {r.peak_memory:.3f} GB (MLX), {rss_gb:.3f} GB (RSS) | {read}"
     )
@@ -170,7 +196,9 @@ def add_model_arguments(p):
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Generate text with an mlx-flash model.")
     add_model_arguments(p)
-    p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help="prompt text, or - to read stdin")
+    p.add_argument("--prompt", "-p", default=None,
+                   help=f"prompt text, or - to read stdin (default: '{DEFAULT_PROMPT}'; with --chat and no prompt, "
+                        f"a conversation: each line of stdin is a turn, the KV cache kept between turns)")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
@@ -196,6 +224,34 @@ def build_prompt(tokenizer, text: str, chat: bool, system: Optional[str] = None)
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def converse(model, tokenizer, args):
+    """--chat without a prompt: each line of stdin is the user's turn; the whole conversation goes
+    through the chat template each turn, and the kept KV cache (conversation.py) computes only
+    what is new. Ends at end of input or an empty line."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FlashError("--chat: this model has no chat template")
+    conversation = Conversation(model)
+    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        messages.append({"role": "user", "content": line.strip()})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply, last = "", None
+        for r in stream(model, tokenizer, ids, args.max_tokens, args.temp, args.top_p, args.seed,
+                        conversation=conversation):
+            print(r.text, end="", flush=True)
+            reply, last = reply + r.text, r
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        if last is not None:
+            print(stats_line(last), file=sys.stderr)
+
+
 @cli
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
@@ -203,11 +259,13 @@ def main(argv=None):
         raise FlashError("--max-tokens must be at least 1")
     if not 0 < args.top_p <= 1 or args.temp < 0:
         raise FlashError("--top-p must be in (0, 1] and --temp at least 0")
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.mode != "flash" and flash_options(args):
         raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch, "
                          "--prompt-mode and --profile apply to --mode flash only")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
+    if args.chat and args.prompt is None:
+        return converse(model, tokenizer, args)
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt or DEFAULT_PROMPT
     prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
     last = None
     for r in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):

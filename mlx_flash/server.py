@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
+from .conversation import Conversation
 from .errors import FlashError, cli
 from .generate import Response, StopFilter, add_model_arguments, check_context, flash_options, stream
 from .load import load
@@ -248,14 +249,18 @@ class Record:
     started: float = 0.0  # time.monotonic()
     ended: float = 0.0
     tokens_per_second: float = 0.0
+    cached_tokens: int = 0  # prompt tokens the kept conversation cache held
+    ttft: float = 0.0  # seconds to the first token
 
 
 class Engine:
     """One model and tokenizer; generates one request at a time, in arrival order."""
 
     def __init__(self, model, tokenizer, model_id: str, mode: str = "dense",
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, aliases=(), log=None):
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, aliases=(), log=None, keep_cache: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        # the last conversation's KV cache, reused by the next request's common prefix (conversation.py)
+        self.conversation = Conversation(model) if keep_cache else None
         self.model_id, self.mode = model_id, mode
         self.names = (model_id, "default", *aliases)  # what a request's "model" may say
         self.max_prompt_tokens = max_prompt_tokens
@@ -308,16 +313,20 @@ class Engine:
             if cancelled():
                 return
             stop = StopFilter(req.stop)
-            for r in stream(self.model, self.tokenizer, ids, req.max_tokens, req.temperature, req.top_p, req.seed):
-                rec.completion_tokens, rec.tokens_per_second = r.generation_tokens, r.generation_tps
-                text, hit = stop.feed(r.text)
-                finish = "stop" if hit else r.finish_reason
-                if finish and not hit:
-                    text += stop.flush()
-                rec.finish = finish
-                yield Step(text, finish, r, ticket)
-                if finish or cancelled():
-                    return
+            # closed here, before the model is released: closing records what the kept cache holds
+            with closing(stream(self.model, self.tokenizer, ids, req.max_tokens, req.temperature, req.top_p,
+                                req.seed, conversation=self.conversation)) as responses:
+                for r in responses:
+                    rec.completion_tokens, rec.tokens_per_second = r.generation_tokens, r.generation_tps
+                    rec.cached_tokens, rec.ttft = r.cached_tokens, r.ttft
+                    text, hit = stop.feed(r.text)
+                    finish = "stop" if hit else r.finish_reason
+                    if finish and not hit:
+                        text += stop.flush()
+                    rec.finish = finish
+                    yield Step(text, finish, r, ticket)
+                    if finish or cancelled():
+                        return
         finally:
             rec.ended = time.monotonic()
             if rec.finish:
@@ -326,7 +335,8 @@ class Engine:
                 self.aborted += 1
             self.history.append(rec)
             if self.log:
-                self.log(f"#{ticket} {req.kind}: {rec.prompt_tokens} prompt tokens, {rec.completion_tokens} "
+                self.log(f"#{ticket} {req.kind}: {rec.prompt_tokens} prompt tokens ({rec.cached_tokens} cached, first "
+                         f"token after {rec.ttft:.2f} s), {rec.completion_tokens} "
                          f"generated, {rec.tokens_per_second:.1f} tokens/s, {rec.finish or 'aborted'}")
             self.queue.release()
 
@@ -338,9 +348,11 @@ def completion_id(kind: str) -> str:
     return ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex[:24]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; cached_tokens: the prompt's tokens the kept KV cache held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def flash_field(mode: str, r: Response, ticket: int) -> dict:
@@ -352,6 +364,7 @@ def flash_field(mode: str, r: Response, ticket: int) -> dict:
         "tokens_per_second": r.generation_tps,
         "ms_per_token": 1000.0 / r.generation_tps if r.generation_tps > 0 else None,
         "prompt_tokens_per_second": r.prompt_tps,
+        "time_to_first_token_s": r.ttft,
         "bytes_read_per_token": stats.get("bytes_read_per_token", 0),
         "peak_memory_gb": r.peak_memory,
         "request": ticket,  # the request's place in the server's queue (0, 1, 2, ...)
@@ -488,7 +501,8 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 return  # stopped early: the client is gone
         r = step.response
-        extra = {"usage": usage(len(ids), r.generation_tokens), "flash": flash_field(engine.mode, r, step.ticket)}
+        extra = {"usage": usage(len(ids), r.generation_tokens, r.cached_tokens),
+                 "flash": flash_field(engine.mode, r, step.ticket)}
         if req.stream:
             self.send_event({**chunk(kind, rid, created, model_id, finish=step.finish), **extra})
             self.wfile.write(b"data: [DONE]\n\n")
@@ -647,6 +661,9 @@ def setup_arg_parser():
                    help="longer prompts are refused (default: %(default)s)")
     p.add_argument("--max-body", type=lambda s: parse_size(s, "--max-body"), default=MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413, e.g. 512K, 4M (default: 1M)")
+    p.add_argument("--keep-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the last conversation's KV cache and compute only what a request adds to it "
+                        "(default: on; its memory is the context the budget plans)")
     p.add_argument("--quiet", action="store_true", help="no access log")
     return p
 
@@ -659,7 +676,8 @@ def log(line: str):
 def main(argv=None):
     args = setup_arg_parser().parse_args(argv)
     if args.mode != "flash" and flash_options(args):
-        raise FlashError("--dram-budget, --window, --threads and --recall apply to --mode flash only")
+        raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch, "
+                         "--prompt-mode and --profile apply to --mode flash only")
     if args.max_prompt_tokens < 1:
         raise FlashError("--max-prompt-tokens must be at least 1")
     if args.max_body < 1:
@@ -668,7 +686,7 @@ def main(argv=None):
         raise FlashError(f"--port must be in 0..65535, got {args.port}")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     engine = Engine(model, tokenizer, model_id(args.model), args.mode, args.max_prompt_tokens,
-                    aliases=[args.model], log=log)
+                    aliases=[args.model], log=log, keep_cache=args.keep_cache)
     httpd = make_server(engine, args.host, args.port, max_body=args.max_body, quiet=args.quiet)
     print(f"serving {engine.model_id} on {httpd.url}", flush=True)
     try:
