@@ -24,14 +24,15 @@ LAYERS = [
      "mlx_flash.flash.bundle_reader", "mlx_flash.flash.budget", "mlx_flash.flash.ffn", "mlx_flash.flash.attach",
      "mlx_flash.flash.prefetch", "mlx_flash.flash.outliers", "mlx_flash.flash.expert_cache",
      "mlx_flash.flash.experts", "mlx_flash.flash.expert_attach", "mlx_flash.flash.prompt"},
-    {"mlx_flash.load"},
+    {"mlx_flash.load", "mlx_flash.conversation"},
     {"mlx_flash.baselines"},
     {"mlx_flash.convert", "mlx_flash.convert_experts", "mlx_flash.train_predictors", "mlx_flash.calibrate",
      "mlx_flash.evaluate", "mlx_flash.generate", "mlx_flash.server", "mlx_flash.prepare"},
     {"mlx_flash.bench", "mlx_flash.bench.__main__", "mlx_flash.bench.rows", "mlx_flash.bench.report",
      "mlx_flash.bench.cgroup", "mlx_flash.bench.scale", "mlx_flash.bench.synthetic",
      "mlx_flash.bench.same_budget", "mlx_flash.bench.probe", "mlx_flash.bench.windowing",
-     "mlx_flash.bench.cli", "mlx_flash.bench.calibration", "mlx_flash.probe"},
+     "mlx_flash.bench.cli", "mlx_flash.bench.calibration", "mlx_flash.probe", "mlx_flash.bench.peer",
+     "mlx_flash.bench.peer_build"},
     {"mlx_flash.demo"},  # the whole pipeline, the benchmark's same-budget rows included
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
