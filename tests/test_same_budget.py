@@ -128,3 +128,24 @@ def test_demo_prints_flash_against_naive_at_one_budget(direct_root, capsys):  # 
     flash = next(l for l in err.splitlines() if l.strip().startswith("flash:") and "read/token" in l)
     assert "MB read/token" in naive and "ms/token" in naive and "ms/token" in flash
     assert "fewer bytes read per token" in err and "python -m mlx_flash.bench --same-budget tiny-ffn" in err
+
+
+def test_prompts_mode_times_the_first_token_of_each_row(direct_root, capsys):  # noqa: F811
+    """--prompts: every row at one budget and chunk; the pass reads the whole FFN once per chunk and fewer
+    bytes than window steps on a long prompt, with the synthetic predictors naming each token's own set."""
+    from mlx_flash.bench import prompts
+
+    res = bench.main(["--prompts", "tiny-ffn", "--lengths", "8,64", "--share", "8M", "--quick", "--quiet",
+                      "--dir", str(direct_root / "syn-prompts"), "--json", str(direct_root / "p.json")])
+    s, ffn = res["summary"], res["ffn_bytes"]
+    for n in (8, 64):
+        assert s[f"pass@{n}"]["bytes_read"] == ffn * -(-n // res["chunks"][n])
+        assert s[f"pass@{n}"]["mode"] == "pass" and s[f"window@{n}"]["mode"] == "window steps"
+        assert all(s[f"{r}@{n}"]["ttft_s"] > 0 for r in prompts.ROWS)
+        assert s[f"floor@{n}"]["ttft_s"] >= s[f"dense@{n}"]["ttft_s"]
+    assert s["window@64"]["bytes_read"] > s["window@8"]["bytes_read"]  # more tokens, more distinct neurons
+    assert s["window@64"]["steps"] > 4  # groups: the tokens' sets do not all fit one window
+    out = capsys.readouterr().out
+    assert "time to first token" in out and "SYNTHETIC" in out
+    with pytest.raises(SystemExit):
+        bench.main(["--prompts", "tiny-ffn", "--rows", "all"])

@@ -7,6 +7,7 @@
     python -m mlx_flash.bench --same-budget opt-6.7b [--layers 16] [--share 0.5] [--cgroup] ...
         (Table 3 end to end, every row at the same budget, synthetic: see mlx_flash.bench.same_budget)
     python -m mlx_flash.bench --calibration opt-6.7b   (calibration's seconds per layer at that geometry)
+    python -m mlx_flash.bench --prompts opt-6.7b --layers 16 --share 0.6   (time to first token, same budget)
 
 The rows and how they are run: mlx_flash.bench.rows. --baseline-share is the weights
 naive and hybrid hold (default: the budget when it is a share of the model, else 0.5).
@@ -32,7 +33,7 @@ from ..flash.budget import model_bytes
 from ..prepare import model_for
 from ..sizes import parse_size
 from ..system import direct_read_method, eviction_method, rss_bytes
-from . import calibration, same_budget, scale
+from . import calibration, prompts, same_budget, scale
 from .cgroup import cgroup_root, child_main, run_in_cgroup
 from .cli import add_common_arguments, write_outputs
 from .probe import SCRATCH_SIZE
@@ -112,6 +113,8 @@ def main(argv=None):
         return same_budget.run(argv)
     if any(a == "--calibration" or a.startswith("--calibration=") for a in argv):
         return calibration.run(argv)
+    if any(a == "--prompts" or a.startswith("--prompts=") for a in argv):
+        return prompts.run(argv)
     args = setup_arg_parser().parse_args(argv)
     if args.quick:
         apply_quick(args, argv)

@@ -141,15 +141,28 @@ def process_facts(cfg: FlashConfig, seed: int, tokens: int = 48, warmup: int = 8
 
 
 class ActiveSets:
-    """This forward pass's predicted sets, one per layer; layer 0's predictor steps the process."""
+    """This forward pass's predicted sets, per token one per layer; layer 0's predictor steps the
+    process once per token (a prompt's tokens follow one another as decoded ones do)."""
 
     def __init__(self, d_ff: int, n_layers: int, seed: int):
         self.proc = ActivationProcess(d_ff, n_layers, seed=seed)
-        self.sets: List[np.ndarray] = []
+        self.sets: List[np.ndarray] = []  # the last token's, per layer
+        self.tokens: List[List[np.ndarray]] = []  # every token's of this pass, per token per layer
+
+    def step(self, n: int):
+        self.tokens = [self.proc.step() for _ in range(n)]
+        self.sets = self.tokens[-1]
 
     def scores(self, layer: int, ids: np.ndarray) -> mx.array:
         s = np.full(self.proc.d_ff, -1.0, np.float32)
         s[ids] = 1.0
+        return mx.array(s)
+
+    def all_scores(self, layer: int) -> mx.array:
+        """(N, d_ff): > 0 exactly on each token's set of this layer."""
+        s = np.full((len(self.tokens), self.proc.d_ff), -1.0, np.float32)
+        for t, sets in enumerate(self.tokens):
+            s[t, sets[layer]] = 1.0
         return mx.array(s)
 
 
@@ -179,8 +192,8 @@ class SyntheticPredictor(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.layer == 0:
-            self._sets.sets = self._sets.proc.step()
-        return self._sets.scores(self.layer, self._sets.sets[self.layer]) + 0 * self.net(x)
+            self._sets.step(x.shape[0])
+        return self._sets.all_scores(self.layer) + 0 * self.net(x)
 
 
 class SyntheticLookahead(SyntheticPredictor):
