@@ -5,7 +5,8 @@ folder that stands for the checkout's root, in README order, so that a command f
 before it made. Where a command would take minutes, small settings are appended (argparse keeps the
 last value of a flag). Commands that need the Hugging Face Hub, unreachable here, and those that use
 what such a command would have downloaded (and the files of an optional `pip install` the README
-names), must end in one clear line. `make demo`, `make test` and
+names), must end in one clear line; so must those that need the peer `make peer` builds (llama.cpp),
+absent from a fresh checkout. `make demo`, `make test` and
 `. .venv/bin/activate` are the suite and the shell themselves, so they are not run here.
 """
 
@@ -30,6 +31,7 @@ SMALL = {
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # --model org/name
 DOWNLOADS = ("~/.cache/",)  # what an optional `pip install` the README names puts there (not a dependency)
+PEER = "--peer"  # bench's rows beside llama.cpp, which `make peer` builds (not part of a fresh checkout)
 
 
 def readme_commands() -> list:
@@ -98,6 +100,7 @@ def test_every_readme_command_runs_as_written(smol_calibrated, tmp_path, monkeyp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it there too
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a fresh machine: no optional download in ~/.cache
+    monkeypatch.setenv("MLX_FLASH_PEER", str(tmp_path / "peer"))  # and no `make peer` build
     downloaded = set()
     for line in readme_commands():
         argv = shlex.split(line)[1:]
@@ -106,7 +109,10 @@ def test_every_readme_command_runs_as_written(smol_calibrated, tmp_path, monkeyp
         hub = needs_a_download(argv, downloaded)
         code, out, err = run(argv, capsys)
         assert "Traceback" not in err, f"{line}\n{err}"
-        if hub:
+        if PEER in argv:
+            errors = [l for l in err.splitlines() if l.startswith("error: ")]
+            assert code == 2 and len(errors) == 1 and "make peer" in errors[0], f"{line}\n{err}"
+        elif hub:
             errors = [l for l in err.splitlines() if l.startswith("error: ")]
             assert code == 2 and len(errors) == 1, f"{line}\n{err}"
             if first_hand:
