@@ -133,7 +133,7 @@ def test_gguf_without_geometry_or_truncated(tmp_path):
     assert_one_line_error(*generate(cut)[::2], "cannot read GGUF")
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mamba", "no_such_type"])
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "mamba", "no_such_type"])
 def test_architecture_without_a_supported_ffn_is_refused_naming_the_supported_ones(tiny_model, tmp_path, model_type):
     """A mixture-of-experts, a state-space or an unknown model type: one line that names what runs."""
     from mlx_flash.models.architectures import ARCHITECTURES

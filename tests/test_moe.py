@@ -237,3 +237,24 @@ def test_evaluate_and_server_report_experts(moe):
         httpd.shutdown()
         httpd.server_close()
     assert 0 <= flash["expert_hit_rate"] <= 1 and flash["experts_read_per_token"] >= 0 and "mb_read_per_token" in flash
+
+
+def test_moe_benchmark_rows_on_a_tiny_geometry(tmp_path):
+    """bench.moe end to end on the tiny geometry: every row runs at one budget (in a child process each),
+    the routing process realizes the locality asked for, flash reads fewer experts than naive mmap."""
+    from mlx_flash.bench.moe import Routing, main
+
+    out = tmp_path / "moe.json"
+    main(["--geometry", "tiny", "--layers", "4", "--share", "400%", "--tokens", "2", "--settle", "2", "--repeats", "1",
+          "--no-cgroup", "--quiet", "--dir", str(tmp_path / "m"), "--json", str(out)])
+    r = json.loads(out.read_text())
+    s = r["summary"]
+    assert set(s) == {"naive", "pagecache", "flash", "flash+lookahead"} and all(a["fits"] for a in s.values())
+    assert s["naive"]["experts_read_per_token"] == 4 * 16  # every expert of every MoE layer
+    assert s["pagecache"]["experts_read_per_token"] == 4 * 2  # every routed expert
+    assert s["flash"]["experts_read_per_token"] < 4 * 2 and 0 < s["flash"]["hit_rate"] < 1
+    assert s["flash+lookahead"]["prefetch_hit_rate"] > 0
+    routing = Routing([0], 128, 8, reuse=0.4, recent=0.8, skew=0.0, seed=1)
+    for _ in range(300):
+        routing.advance(1)
+    assert abs(routing.summary()["from_previous"] - 0.4) < 0.05 and abs(routing.summary()["within_8"] - 0.8) < 0.05
