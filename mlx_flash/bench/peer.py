@@ -47,11 +47,12 @@ from ..sizes import parse_size
 from .peer_build import binary, peer_dir
 
 DEFAULT_MODELS = "smollm2-135m,llama-1b-L4"
-DEFAULT_LIMITS = "0.5,0.75,1,1.5,2,3"
-DEFAULTS = {"prompt_tokens": 32, "gen_tokens": 16, "repeats": 1}
+DEFAULT_LIMITS = "0.5,0.75,1,1.5,2,2.5,3"
+DEFAULTS = {"prompt_tokens": 32, "gen_tokens": 16, "repeats": 2}
 QUICK = {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1}
 OUR_ROWS = {"dense": "dense (MLX, no limit)", "naive": "naive mmap (MLX)", "windowing": "flash (MLX)"}
 PEER_LABEL = "llama.cpp (mmap)"
+PEER_TIMEOUT = 600  # seconds a llama-bench run may take (at a limit far below the file it thrashes)
 NOT_BUILT = "peer not built: run `make peer` (builds llama.cpp's llama-bench into .peer/, about 6 minutes)"
 
 
@@ -229,9 +230,12 @@ def parse_llama_bench(text: str) -> dict:
     return out
 
 
-def run_limited(cmd: List[str], limit: Optional[int], files: List[Path]) -> dict:
+def run_limited(cmd: List[str], limit: Optional[int], files: List[Path], timeout: float = PEER_TIMEOUT) -> dict:
     """`cmd` in a fresh memory cgroup of `limit` bytes (None: no limit), `files` dropped from the page
-    cache first; its stdout, exit status, the cgroup's peak and failcnt, the bytes it read from storage."""
+    cache first, killed after `timeout` seconds; its stdout, exit status, the cgroup's peak and failcnt,
+    the bytes it read from storage."""
+    import threading
+
     from ..system import drop_cache
     from .cgroup import make_cgroup
 
@@ -244,12 +248,16 @@ def run_limited(cmd: List[str], limit: Optional[int], files: List[Path]) -> dict
         join = lambda: (cg / "cgroup.procs").write_text(str(os.getpid()))  # in the child, before exec
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, preexec_fn=join)
+        timer = threading.Timer(timeout, p.kill)  # a limit where it thrashes for ever
+        timer.start()
         stdout = p.stdout.read()
         _, status, usage = os.wait4(p.pid, 0)
+        timed_out = not timer.is_alive()
+        timer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         lines = err.read().decode(errors="replace").strip().splitlines()
-        return {"returncode": p.returncode, "stdout": stdout.decode(errors="replace"), "seconds": time.perf_counter() - t0,
+        return {"returncode": p.returncode, "timed_out": timed_out, "stdout": stdout.decode(errors="replace"), "seconds": time.perf_counter() - t0,
                 "last_error": lines[-1] if lines else "", "disk_bytes": usage.ru_inblock * 512,
                 "peak_rss_bytes": usage.ru_maxrss * 1024, "limit": limit,
                 "peak_cgroup_bytes": int((cg / "memory.max_usage_in_bytes").read_text()),
@@ -263,19 +271,20 @@ def run_limited(cmd: List[str], limit: Optional[int], files: List[Path]) -> dict
 
 
 def peer_row(gguf_path: Path, limit: Optional[int], prompt: int, gen: int, repeats: int, threads: int,
-             exe: Optional[Path] = None) -> dict:
+             exe: Optional[Path] = None, timeout: float = PEER_TIMEOUT) -> dict:
     """llama.cpp at one limit: a run of prompt then decode, and one of the prompt alone (its bytes)."""
     exe = exe or binary("llama-bench")
     if not exe.exists():
         return {"row": "llama.cpp", "fits": False, "reason": NOT_BUILT}
-    full = run_limited(bench_command(exe, gguf_path, prompt, gen, repeats, threads), limit, [gguf_path])
+    full = run_limited(bench_command(exe, gguf_path, prompt, gen, repeats, threads), limit, [gguf_path], timeout)
     if full["returncode"] != 0:
         killed = full["returncode"] < 0 or full["returncode"] == 137
-        why = "killed by the kernel's OOM killer at this limit" if killed else full["last_error"]
+        why = (f"did not finish in {timeout:.0f} s" if full["timed_out"] else
+               "killed by the kernel's OOM killer at this limit" if killed else full["last_error"])
         return {"row": "llama.cpp", "fits": False, "reason": f"llama-bench failed (exit status {full['returncode']}): "
                 f"{why}", "limit": limit}
     parsed = parse_llama_bench(full["stdout"])
-    alone = run_limited(bench_command(exe, gguf_path, prompt, 0, repeats, threads), limit, [gguf_path])
+    alone = run_limited(bench_command(exe, gguf_path, prompt, 0, repeats, threads), limit, [gguf_path], timeout)
     decode_tokens = 1 + repeats * gen  # llama-bench's one-token warm-up, then its repetitions
     disk = (full["disk_bytes"] - alone["disk_bytes"]) / decode_tokens if alone["returncode"] == 0 else None
     return {"row": "llama.cpp", "fits": True, **parsed, "limit": limit, "peak_cgroup_bytes": full["peak_cgroup_bytes"],
@@ -407,6 +416,8 @@ def setup_arg_parser():
                    help="llama.cpp's threads and our read threads (default: the CPU count)")
     p.add_argument("--cgroup-slack", type=parse_size, default=8 << 20,
                    help="taken off our rows' budget for thread stacks and Python objects (default 8M)")
+    p.add_argument("--peer-timeout", type=float, default=PEER_TIMEOUT,
+                   help=f"seconds a llama-bench run may take before it is stopped (default {PEER_TIMEOUT})")
     p.add_argument("--quick", action="store_true", help="tiny settings, for tests and a first look")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--plots", default=None, help="write latency_vs_limit_<model>.png into this folder")
@@ -459,7 +470,7 @@ def run(argv) -> dict:
         print(f"== {m['name']}: llama.cpp at the same limits and without one ...", file=sys.stderr)
         for label, limit in [("-", None), *limits.items()]:
             rows[f"llama.cpp@{label}"] = peer_row(m["gguf"], limit, args.prompt_tokens, args.gen_tokens,
-                                                  args.repeats, args.threads)
+                                                  args.repeats, args.threads, timeout=args.peer_timeout)
         cfg = FlashConfig.load(Path(m["folder"]))
         result["models"].append({
             "name": m["name"], "synthetic": m["synthetic"], "gguf": str(m["gguf"]), "gguf_bytes": size,
