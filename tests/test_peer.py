@@ -78,7 +78,7 @@ def test_synthetic_gguf_is_a_llama_our_reader_takes(tmp_path):
     assert peer.write_synthetic_gguf(path, "tiny") == path  # written once
 
 
-def test_report_and_smallest_limit(capsys):
+def test_report_and_smallest_limit(tmp_path, capsys):
     """From rows as run() collects them: the table, and the smallest limit each ran at with its tokens/s."""
     ok = lambda tok_s, peak, disk: {"fits": True, "decode_tok_s": tok_s, "prompt_tok_s": 10 * tok_s,
                                     "peak_cgroup_bytes": peak, "disk_bytes_per_token": disk}
@@ -101,4 +101,15 @@ def test_report_and_smallest_limit(capsys):
     assert "| 50.0 (0.50x) | llama.cpp (mmap) | 0.40 | 4.00 | 50.0 | 700.0 |" in out
     assert "does not run: the interpreter's baseline alone exceeds the limit" in out
     assert "smallest limit flash (MLX) ran at: 200.0 MB (2x), 8.50 decode tok/s" in out
-    json.dumps(result)  # --json writes it
+    assert "| none | 60.00 | - | dense: 9.00 | 0.0 | - | - |" in out  # side by side, one line per limit
+    assert "| 50.0 (0.50x) | 0.40 | - | - | 700.0 | - | - |" in out
+    saved = tmp_path / "peer.json"
+    saved.write_text(json.dumps(result))  # as --json writes it; --report prints it again, no peer needed
+    from mlx_flash.bench import main
+
+    main(["--peer", "--report", str(saved)])
+    assert capsys.readouterr().out == out
+    saved.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["--peer", "--report", str(saved)])
+    assert e.value.code == 2 and "not a --json file written by --peer" in capsys.readouterr().err

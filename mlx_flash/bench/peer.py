@@ -1,7 +1,7 @@
 """Peer mode: llama.cpp beside our rows, in a memory cgroup of the same total limit, on the same weights.
 
-    python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits 0.5,0.75,1,1.5,2,3]
-        [--prompt-tokens 32] [--gen-tokens 16] [--repeats 1] [--json out.json] [--plots DIR]
+    python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits 0.5,0.75,1,1.5,2,2.5,3]
+        [--prompt-tokens 32] [--gen-tokens 16] [--repeats 2] [--json out.json] [--plots DIR] [--report out.json]
 
 A user with a model bigger than memory would otherwise run llama.cpp, which mmaps the GGUF and
 lets the page cache decide. `make peer` builds its `llama-bench` (bench.peer_build); without it
@@ -421,6 +421,7 @@ def setup_arg_parser():
     p.add_argument("--quick", action="store_true", help="tiny settings, for tests and a first look")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--plots", default=None, help="write latency_vs_limit_<model>.png into this folder")
+    p.add_argument("--report", default=None, help="print the tables (and --plots) of an earlier run's --json file")
     p.add_argument("--peer-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--peer-limit", type=int, default=0, help=argparse.SUPPRESS)
     return p
@@ -453,6 +454,15 @@ def run(argv) -> dict:
         raise FlashError("--prompt-tokens, --gen-tokens and --repeats must be at least 1")
     if args.peer_child:
         return child(args)
+    if args.report:  # an earlier run's tables and figures, from its --json
+        try:
+            result = json.loads(Path(args.report).read_text())
+            result["models"][0]["rows"]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise FlashError(f"--report {args.report}: not a --json file written by --peer ({e})")
+        print_report(result)
+        write_outputs(result, None, args.plots, lambda d: plot(result, d))
+        return result
     check_ready(args)
     models = [resolve_model(m.strip()) for m in args.models.split(",") if m.strip()]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
@@ -529,12 +539,32 @@ def print_report(result: dict):
                 note = f"failcnt {a['failcnt']}" if a.get("failcnt") else ""
                 print(f"| {where} | {row_label(row)} | {f2(a['decode_tok_s'])} | {f2(a['prompt_tok_s'])} | "
                       f"{mb(a['peak_cgroup_bytes'])} | {mb(a['disk_bytes_per_token'])} | {note} |")
+        print("\n" + side_by_side(m))
         print()
         for row in ("llama.cpp", "naive", "windowing"):
             s = m["smallest"].get(row)
             print(f"- smallest limit {row_label(row)} ran at: " + (
                 f"{mb(s['limit'])} MB ({s['limit_label']}), {s['decode_tok_s']:.2f} decode tok/s" if s
                 else "none of these"))
+
+
+def side_by_side(m: dict) -> str:
+    """One line per limit: decode tokens/s and disk MB per token of llama.cpp, naive and flash ('-': does not run)."""
+    kinds = ("llama.cpp", "naive", "windowing")
+    head = ["limit MB (x GGUF)"] + [f"{row_label(r)} tok/s" for r in kinds] + [f"{row_label(r)} disk MB/token"
+                                                                               for r in kinds]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, limit in [("-", None), *m["limits"].items()]:
+        got = [m["rows"].get(f"{r}@{label}") for r in kinds]
+        tok = ["-" if not a or not a["fits"] else f"{a['decode_tok_s']:.2f}" for a in got]
+        disk = ["-" if not a or not a["fits"] or a["disk_bytes_per_token"] is None else
+                f"{a['disk_bytes_per_token'] / 1e6:.1f}" for a in got]
+        if label == "-":  # no limit: our reference is dense
+            dense = m["rows"].get("dense@-")
+            tok[1:] = ["-", "dense: " + ("-" if not dense or not dense["fits"] else f"{dense['decode_tok_s']:.2f}")]
+        where = "none" if limit is None else f"{limit / 1e6:.1f} ({limit / m['gguf_bytes']:.2f}x)"
+        lines.append("| " + " | ".join([where, *tok, *disk]) + " |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, folder: Path):
