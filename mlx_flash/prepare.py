@@ -19,6 +19,7 @@ from pathlib import Path
 from .convert import convert
 from .errors import FlashError, cli
 from .format import FlashConfig
+from .expert_format import is_moe_folder
 from .load import is_flash_folder
 from .sources import BUILTIN_MODELS, DEFAULT_MODEL, default_folder
 from .system import exclusive_lock
@@ -46,6 +47,8 @@ def prepare(model: str = DEFAULT_MODEL, folder=None, announce=say, dram_budget=N
         if not is_flash_folder(folder):
             announce(f"converting {model} into the flash layout at {folder} (once)")
             convert(model, folder, dram_budget=dram_budget, **(convert_options or {}))
+        if is_moe_folder(folder):  # a mixture of experts: its routers are exact, nothing to calibrate
+            return folder
         predictors = FlashConfig.load(folder).predictors
         if predictors is None or "pinned" not in predictors:  # none yet, or from before outliers were pinned
             announce(f"calibrating sparsity and training the activation predictors of {folder} (once; "
@@ -60,6 +63,15 @@ def memory_needs(folder: Path) -> dict:
     from .flash.attach import plan_flash, smallest_budget, trained_predictors
     from .load import load_resident
 
+    if is_moe_folder(folder):  # every expert in a slot, or top-k slots per MoE layer
+        from .expert_format import ExpertStore
+        from .flash.attach import resident_facts
+        from .flash.expert_attach import load_resident_moe, model_bytes, plan_experts
+
+        store = ExpertStore.load(folder)
+        model = load_resident_moe(folder, store)[0]
+        full = plan_experts(store, model_bytes(folder, store), *resident_facts(model, []))
+        return {"model": full.model, "default": full.total, "smallest": full.smallest, "experts": True}
     cfg = FlashConfig.load(folder)
     model, down_bias = load_resident(folder, cfg)
     predictors, _ = trained_predictors(folder, cfg)
@@ -117,6 +129,11 @@ def estimate(config: dict, predicted: float = None, held: float = None, tokens: 
     from .sources import instantiate
     from .train_predictors import DEFAULT_TOKENS, DEFAULT_SEQ_LEN, DEFAULT_WINDOW
 
+    from .models.architectures import architecture
+
+    if architecture(config).moe is not None:
+        raise FlashError(f"--estimate does not size mixtures of experts ({config['model_type']}) yet: convert the "
+                         f"model, and prepare states what flash mode needs")
     model = instantiate(config)  # lazy: its random initial weights are never computed
     spec = model.ffn_spec
     dtype = dtype or (config.get("torch_dtype") if config.get("torch_dtype") in DTYPES else "float16")
@@ -218,9 +235,11 @@ def main(argv=None):
                      train_options={"lookahead": True} if args.lookahead else None)
     need = memory_needs(folder)
     mb = lambda b: f"{b / 1e6:,.0f} MB"
-    print(f"{folder}: the model is {mb(need['model'])}; flash mode holds {mb(need['default'])} at its calibrated "
-          f"windows ({need['default'] / need['model']:.0%}) and runs in as little as {mb(need['smallest'])} "
-          f"({need['smallest'] / need['model']:.0%}) with smaller windows, plus the Python interpreter (~100 MB)")
+    held, fewer = ("with a slot for every expert", "with top-k expert slots per MoE layer") if need.get("experts") \
+        else ("at its calibrated windows", "with smaller windows")
+    print(f"{folder}: the model is {mb(need['model'])}; flash mode holds {mb(need['default'])} {held} "
+          f"({need['default'] / need['model']:.0%}) and runs in as little as {mb(need['smallest'])} "
+          f"({need['smallest'] / need['model']:.0%}) {fewer}, plus the Python interpreter (~100 MB)")
     print("run it:")
     print(f"  python -m mlx_flash.generate --model {folder} --mode flash -p \"Hello\"")
     print(f"  python -m mlx_flash.server --model {folder} --mode flash")

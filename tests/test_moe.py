@@ -258,3 +258,16 @@ def test_moe_benchmark_rows_on_a_tiny_geometry(tmp_path):
     for _ in range(300):
         routing.advance(1)
     assert abs(routing.summary()["from_previous"] - 0.4) < 0.05 and abs(routing.summary()["within_8"] - 0.8) < 0.05
+
+
+def test_prepare_converts_without_calibrating(moe, tmp_path, capsys):
+    from mlx_flash.prepare import main
+
+    src, _ = moe("mixtral")
+    main(["--model", str(src), "--out", str(tmp_path / "p")])
+    out = capsys.readouterr().out
+    assert "with top-k expert slots per MoE layer" in out and ExpertStore.load(tmp_path / "p").num_experts == EXPERTS
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(src), "--estimate"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --estimate does not size mixtures of experts")

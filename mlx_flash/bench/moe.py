@@ -2,8 +2,9 @@
 experts + lookahead, each run in its own memory cgroup whose limit is the budget (synthetic model).
 
     python -m mlx_flash.bench.moe --geometry qwen3-30b-a3b --layers 8 --share 0.3 [--reuse 0.4] [--recent 0.8]
-        [--skew 1.5] [--hit 0.85] [--tokens 6] [--settle 12] [--repeats 3] [--rows naive,pagecache,flash,flash+lookahead]
-        [--no-cgroup] [--json out.json] [--dir models/synthetic-moe-qwen3-30b-a3b-L8]
+        [--skew 1.5] [--hit 0.85] [--tokens 6] [--settle 12] [--repeats 3]
+        [--rows naive,pagecache,flash,flash+lookahead] [--no-cgroup] [--json out.json]
+        [--dir models/synthetic-moe-qwen3-30b-a3b-L8]
 
 Synthetic, and only that: the weights (random 4-bit, group 64, float16 scales) and the routing. The
 folder is what `convert` writes for a mixture of experts (flash.json, resident.safetensors, experts.bundles
@@ -22,12 +23,13 @@ holding 40% of the experts (published: 90-95%). Lookahead (`--hit`): layer l's l
 the next MoE layer's experts with probability --hit (published: layer l+1's router on layer l's input
 names 81-89%), and as many wrong ones as it missed.
 
-| row             | what holds the experts                                              | reads per token                    |
-| naive           | one MoE layer's experts at a time, through a memory map made cold   | every expert of every MoE layer    |
-| pagecache       | the OS page cache (parallel buffered preads of the routed experts,  | the routed experts the kernel      |
-|                 | as flash-moe and llama.cpp's mmap do), within the cgroup's limit    | has not kept                       |
-| flash           | flash.expert_attach: expert slots, parallel direct reads           | routed experts not in a slot       |
-| flash+lookahead | the same, the next MoE layer's experts read while this one computes | the same, partly ahead             |
+| row             | what holds the experts                                    | reads per token                |
+| naive           | one MoE layer's experts at a time, through a memory map   | every expert of every layer    |
+|                 | made cold                                                 |                                |
+| pagecache       | the OS page cache (parallel buffered preads of the routed | the routed experts the kernel  |
+|                 | experts, as flash-moe and llama.cpp's mmap do)            | has not kept                   |
+| flash           | flash.expert_attach: expert slots, parallel direct reads  | routed experts not in a slot   |
+| flash+lookahead | the same, the next MoE layer's experts read meanwhile     | the same, partly ahead         |
 
 Every row's DRAM budget is `--share` of the model (resident part + every expert's content) and covers
 everything its process allocates beyond its baseline (libraries, before any weight): with cgroups
@@ -150,7 +152,8 @@ def write_model(folder: Path, geometry: str, layers: int, seed: int = 0, quiet: 
         offsets, offset = [None] * layers, 0
         with open(tmp / EXPERTS_FILE, "wb") as f:
             for l in tqdm(sorted(blocks), desc="writing synthetic experts", unit="layer", disable=quiet):
-                data = np.frombuffer(rng.bytes(experts * layout.stride), np.uint8).reshape(experts, layout.stride).copy()
+                data = np.frombuffer(rng.bytes(experts * layout.stride), np.uint8).copy()
+                data = data.reshape(experts, layout.stride)  # (experts, stride): one extent per row
                 for fld in layout.fields:
                     if fld.dtype == "float16":  # scales ~ 1 / sqrt(fan_in) / 4.6, biases centre 4-bit codes at 0
                         n = int(np.prod(fld.shape))
@@ -282,7 +285,8 @@ class NaiveExperts(nn.Module):
 
     def __init__(self, layer: int, glu, buffer, mapped: MappedBundles, store: ExpertStore, stats, first: bool):
         super().__init__()
-        self.layer, self.glu, self.buffer, self.mapped, self.stats, self.first = layer, glu, buffer, mapped, stats, first
+        self.layer, self.glu, self.buffer, self.mapped = layer, glu, buffer, mapped
+        self.stats, self.first = stats, first
         self.offset, self.experts = store.layers[layer]["offset"], store.num_experts
         self.nbytes, self.stride = store.num_experts * store.layout.stride, store.layout.stride
         self.freeze()
@@ -464,9 +468,9 @@ def spawn_row(row: str, args, folder: Path, budget: int, seed: int, cgroup: bool
     drop_cache(folder / EXPERTS_FILE)  # every row starts from a cold disk
     cg = make_cgroup() if cgroup else None
     out = Path(tempfile.mkdtemp(prefix="mlx-flash-moe-")) / "row.json"
-    argv = [str(cg) if cg else "-", "--child-row", row, "--geometry", args.geometry, "--dir", str(folder), "--child-budget", str(budget),
-            "--seed", str(seed), "--json", str(out)] + [f"--{k}={getattr(args, k)}" for k in
-                                                        ("reuse", "recent", "skew", "hit", "tokens", "settle")]
+    argv = [str(cg) if cg else "-", "--child-row", row, "--geometry", args.geometry, "--dir", str(folder),
+            "--child-budget", str(budget), "--seed", str(seed), "--json", str(out)]
+    argv += [f"--{k}={getattr(args, k)}" for k in ("reuse", "recent", "skew", "hit", "tokens", "settle")]
     try:
         env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # no 64 MB malloc arena per read thread
         p = subprocess.run([sys.executable, "-c", _CHILD, *argv], env=env, capture_output=True, text=True)
@@ -496,8 +500,10 @@ def summarize(runs: List[dict], budget: int, slack: int) -> dict:
          "experts_read_per_token": st("experts_read_per_token"), "mb_read_per_token": st("mb_read_per_token"),
          "disk_mb_per_token": med(lambda r: r["disk_bytes_per_token"]) / 1e6,
          "hit_rate": med(lambda r: r["stats"]["expert_hit_rate"] or 0.0),
-         # the page cache's hits: the share of the bytes read that did not come from the disk
-         "page_cache_hit_rate": med(lambda r: 1 - r["disk_bytes_per_token"] / max(r["stats"]["bytes_read_per_token"], 1)),
+         # the page cache's hits: the share of the bytes read that did not come from the disk (0 where the
+         # kernel's readahead read more from the disk than was asked for: the disk MB column shows it)
+         "page_cache_hit_rate": med(lambda r: max(0.0, 1 - r["disk_bytes_per_token"]
+                                                  / max(r["stats"]["bytes_read_per_token"], 1))),
          "prefetch_hit_rate": med(lambda r: r["stats"]["prefetch_hit_rate"] or 0.0),
          "prefetch_wasted_mb_per_token": st("prefetch_wasted_mb_per_token"),
          "read_gb_per_s": st("read_gb_per_s"), "planned_bytes": ok[0]["plan"]["total"],
@@ -541,7 +547,8 @@ def measure(args) -> dict:
     return {"geometry": args.geometry, "layers": store.model_config["num_hidden_layers"], "folder": str(folder),
             "model_bytes": total, "budget": budget, "share": args.share, "experts": store.num_experts,
             "top_k": store.top_k, "expert_bytes": store.layout.stride, "probe_gb_per_s": probes,
-            "reuse": args.reuse, "recent": args.recent, "skew": args.skew, "hit": args.hit, "lru_40_hit_rate": lru_hit_rate(args, store),
+            "reuse": args.reuse, "recent": args.recent, "skew": args.skew, "hit": args.hit,
+            "lru_40_hit_rate": lru_hit_rate(args, store),
             "cgroup": args.cgroup, "tokens": args.tokens, "settle": args.settle, "repeats": args.repeats,
             "summary": summary, "runs": runs}
 
@@ -555,13 +562,15 @@ def report(out: dict) -> str:
              f"{out['top_k']}; model {out['model_bytes'] / 1e9:.3f} GB; every row's budget {out['share']} of it = "
              f"{out['budget'] / 1e9:.3f} GB",
              f"routing: SYNTHETIC, --reuse {out['reuse']} --recent {out['recent']} --skew {out['skew']} (realized: "
-             f"{realized.get('from_previous', 0):.0%} from the previous token, {realized.get('within_8', 0):.0%} within "
-             f"8 tokens; an LRU of 40% of the experts hits {out['lru_40_hit_rate']:.0%}); lookahead --hit {out['hit']}",
-             f"{out['tokens']} timed tokens x {out['repeats']} interleaved repetitions per row (+{out['settle']} untimed "
-             f"in pagecache and flash rows), medians; reads: {direct_read_method()} (flash), buffered pread "
-             f"(pagecache), cold mmap (naive); " + ("one memory cgroup per row and repetition, limit budget + "
-                                                    f"baseline + {SLACK >> 20} MiB" if out["cgroup"] else "no cgroup"),
-             f"in-run probe, random direct reads of one extent: " + ", ".join(
+             f"{realized.get('from_previous', 0):.0%} from the previous token, "
+             f"{realized.get('within_8', 0):.0%} within 8 tokens; an LRU of 40% of the experts hits "
+             f"{out['lru_40_hit_rate']:.0%}); lookahead --hit {out['hit']}",
+             f"{out['tokens']} timed tokens x {out['repeats']} interleaved repetitions per row "
+             f"(+{out['settle']} untimed in pagecache and flash rows), medians; reads: {direct_read_method()} "
+             f"(flash), buffered pread (pagecache), cold mmap (naive); "
+             + (f"one memory cgroup per row and repetition, limit budget + baseline + {SLACK >> 20} MiB"
+                if out["cgroup"] else "no cgroup"),
+             "in-run probe, random direct reads of one extent: " + ", ".join(
                  f"{t} threads {g:.2f} GB/s" for t, g in out["probe_gb_per_s"].items()), ""]
     head = ["row (synthetic)", "ms/token", "vs naive", "I/O ms", "exposed I/O ms", "memory ms", "compute ms",
             "experts read/token", "hit rate", "MB read/token", "disk MB/token", "read GB/s", "prefetch hit",

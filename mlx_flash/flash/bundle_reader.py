@@ -321,8 +321,8 @@ class BundleReader:
                         left -= len(mv)
                     if crc != sink.stored_crc(scratch[k]):
                         i = neuron + k - first
-                        raise FlashError(f"{self.path}: corrupted {self.bundle}: layer {layer} {self.unit} {i} at offset "
-                                         f"{self.cfg.bundle_offset(layer, i)} (checksum mismatch)")
+                        raise FlashError(f"{self.path}: corrupted {self.bundle}: layer {layer} {self.unit} {i} at "
+                                         f"offset {self.cfg.bundle_offset(layer, i)} (checksum mismatch)")
         return syscalls
 
     def _preadv(self, layer: int, neuron: int, iovs: list, count: int) -> int:
