@@ -41,7 +41,7 @@ def parsers() -> dict:
     out = {}
     # bench --scale, --same-budget and --calibration hand over to their modules' parsers
     for name in command_modules() + ["mlx_flash.bench.scale", "mlx_flash.bench.same_budget",
-                                     "mlx_flash.bench.calibration", "mlx_flash.bench.prompts"]:
+                                     "mlx_flash.bench.calibration", "mlx_flash.bench.prompts", "mlx_flash.bench.chat"]:
         p = importlib.import_module(name).setup_arg_parser()
         out[name] = p
         for a in p._actions:

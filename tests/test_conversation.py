@@ -111,3 +111,16 @@ def test_server_reports_cached_prompt_tokens(tiny_flash, keep):
         assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
     else:
         assert cached == [0, 0, 0]
+
+
+def test_chat_benchmark_turns_with_and_without_the_kept_cache(tiny_flash, capsys):
+    from mlx_flash import bench
+
+    res = bench.main(["--chat", "--model", str(tiny_flash("llama_silu_tied")), "--document-chars", "300",
+                      "--max-tokens", "2"])
+    kept, fresh = res["kept"], res["not_kept"]
+    assert [t["prompt_tokens"] for t in kept] == [t["prompt_tokens"] for t in fresh]
+    assert kept[0]["computed_tokens"] == fresh[0]["computed_tokens"] == kept[0]["prompt_tokens"]
+    for k, f in zip(kept[1:], fresh[1:]):
+        assert k["computed_tokens"] < f["computed_tokens"] == f["prompt_tokens"] and k["ttft_s"] > 0
+    assert "| 3 |" in capsys.readouterr().out

@@ -8,6 +8,7 @@
         (Table 3 end to end, every row at the same budget, synthetic: see mlx_flash.bench.same_budget)
     python -m mlx_flash.bench --calibration opt-6.7b   (calibration's seconds per layer at that geometry)
     python -m mlx_flash.bench --prompts opt-6.7b --layers 16 --share 0.6   (time to first token, same budget)
+    python -m mlx_flash.bench --chat [--model smollm2-135m]   (a chat's turns against the server, kept cache or not)
     python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits 0.5,1,2]
         (llama.cpp beside dense, naive and flash at the same memory limit: see mlx_flash.bench.peer)
 
@@ -35,7 +36,7 @@ from ..flash.budget import model_bytes
 from ..prepare import model_for
 from ..sizes import parse_size
 from ..system import direct_read_method, eviction_method, rss_bytes
-from . import calibration, peer, prompts, same_budget, scale
+from . import calibration, chat, peer, prompts, same_budget, scale
 from .cgroup import cgroup_root, child_main, run_in_cgroup
 from .cli import add_common_arguments, write_outputs
 from .probe import SCRATCH_SIZE
@@ -117,8 +118,8 @@ def main(argv=None):
         return calibration.run(argv)
     if any(a == "--prompts" or a.startswith("--prompts=") for a in argv):
         return prompts.run(argv)
-    if any(a == "--chat" or a.startswith("--chat=") for a in argv):
-        return prompts.run_chat(argv)
+    if "--chat" in argv:
+        return chat.run(argv)
     if "--peer" in argv:
         return peer.run(argv)
     args = setup_arg_parser().parse_args(argv)

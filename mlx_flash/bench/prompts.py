@@ -2,6 +2,7 @@
 
     python -m mlx_flash.bench --prompts opt-6.7b [--layers 16] [--share 0.6] [--lengths 128,512,2048]
         [--rows dense,naive,window,pass] [--repeats 1] [--json out.json] [--quick]
+(A chat's turns against the server, with and without the kept conversation cache: bench.chat.)
 
 The synthetic model of same-budget mode (bench.synthetic: OPT geometry, 4-bit, random weights, the
 product's loader and FFN providers) and its predictors, which now name the ActivationProcess's set for
