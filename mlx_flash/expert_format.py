@@ -123,7 +123,11 @@ class ExpertStore:
 
 
 def is_moe_folder(folder) -> bool:
-    return (Path(folder) / EXPERTS_FILE).is_file()
+    """A converted folder whose flash.json describes expert extents (ExpertStore.load then checks its files)."""
+    try:
+        return "experts" in json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False  # no flash.json, or a corrupt one: format.FlashConfig.load says which, in one line
 
 
 @dataclass

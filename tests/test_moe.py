@@ -206,6 +206,15 @@ def test_wrong_use_is_one_line(moe, tmp_path):
     assert p.returncode == 2 and "mixture-of-experts" in p.stderr and "Traceback" not in p.stderr
     cfg = json.loads((folder / "flash.json").read_text())
     assert cfg["experts"]["layers"][0]["sha256"] and cfg["experts"]["file_size"] % 4096 == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    with open(copy / EXPERTS_FILE, "r+b") as f:  # a truncated copy
+        f.truncate(cfg["experts"]["file_size"] - 4096)
+    with pytest.raises(FlashError, match=f"{EXPERTS_FILE} is truncated or corrupt"):
+        load_flash(copy, "flash")
+    (copy / EXPERTS_FILE).unlink()
+    with pytest.raises(FlashError, match=f"is incomplete: {EXPERTS_FILE} is missing"):
+        load_flash(copy, "dense")
 
 
 def test_evaluate_and_server_report_experts(moe):
