@@ -31,9 +31,10 @@ from .system import release_pages
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
-def _expert_fields(switch, quant: Optional[dict], dtype) -> Dict[str, mx.array]:
+def _expert_fields(switch, quant: Optional[dict], dtype, requantized: Optional[dict] = None) -> Dict[str, mx.array]:
     """{field name: (experts, ...) array} of one layer's SwitchGLU as the extents store them: copied when
-    the source is quantized as the extents are, else made float (dequantized) and cast or quantized."""
+    the source is quantized as the extents are, else made float (dequantized) and cast or quantized.
+    requantized: filled with {projection: relative error} where a quantized source is quantized anew."""
     out = {}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(switch, proj)
@@ -49,6 +50,10 @@ def _expert_fields(switch, quant: Optional[dict], dtype) -> Dict[str, mx.array]:
             continue
         q, s, b = mx.quantize(w.astype(mx.float32), quant["group_size"], quant["bits"])  # along the input dim
         out.update({f"{proj}.weight": q, f"{proj}.scales": s.astype(dtype), f"{proj}.biases": b.astype(dtype)})
+        if src_q is not None and requantized is not None:  # another quantization in the source: its cost
+            back = mx.dequantize(q, s.astype(dtype), b.astype(dtype), **quant).astype(mx.float32)
+            w = w.astype(mx.float32)
+            requantized[proj] = float(mx.sqrt(mx.sum((back - w) ** 2) / mx.sum(w ** 2)).item())
     return out
 
 
@@ -118,11 +123,14 @@ def convert_experts(src: Source, out: Path, dtype: Optional[str], quantize: Opti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        layers, offset = [None] * len(net.layers), 0
+        layers, offset, requantized = [None] * len(net.layers), 0, {}
         with open(tmp / EXPERTS_FILE, "wb") as f, returning_freed_memory(dram_budget is not None):
             for l in tqdm(sorted(blocks), desc="writing expert extents", unit="layer", disable=quiet):
-                fields = _expert_fields(getattr(blocks[l], moe.switch), quant, mx_dtype)
+                errors = {}
+                fields = _expert_fields(getattr(blocks[l], moe.switch), quant, mx_dtype, errors)
                 mx.eval(fields)
+                if errors and src_q is not None and not quantize:  # a layer quantized unlike the first
+                    requantized[str(l)] = {k: round(v, 6) for k, v in errors.items()}
                 if expert_layout(fields, alignment) != layout:
                     raise FlashError(f"layer {l}'s experts are stored unlike layer {min(blocks)}'s (another "
                                      f"quantization): pass --quantize to store every layer alike")
@@ -144,7 +152,7 @@ def convert_experts(src: Source, out: Path, dtype: Optional[str], quantize: Opti
         spec = {"d_model": layout.field("down_proj.weight").shape[0], "d_ff": layout.field("gate_proj.weight").shape[0]}
         store = ExpertStore(config["model_type"], config, spec["d_model"], spec["d_ff"], experts,
                             src.config[moe.top_k], quant, DTYPE_NAMES[mx_dtype], layout, layers, offset,
-                            {"model": src.name})
+                            {"model": src.name, "requantized": requantized or None})
         store.save(tmp)  # written last: a folder without flash.json is not a model
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
@@ -158,5 +166,8 @@ def convert_experts(src: Source, out: Path, dtype: Optional[str], quantize: Opti
         size = offset + (out / RESIDENT_FILE).stat().st_size
         print(f"wrote {out}: {n} MoE layers x {experts} experts of {layout.stride / 1e6:.3f} MB "
               f"({offset / 1e6:.1f} MB of experts, {size / 1e6:.1f} MB in all)")
+        for l, errs in requantized.items():  # flash.json keeps them (source.requantized)
+            print(f"layer {l}: {', '.join(errs)} quantized otherwise in the source, requantized to the extents' "
+                  f"{quant['bits']} bits, group {quant['group_size']}: relative error {max(errs.values()):.4f}")
     return out
 

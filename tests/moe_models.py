@@ -68,16 +68,18 @@ def _hub_names(arch: str, weights: dict, config: dict) -> dict:
 
 
 def make_moe(folder, arch: str, quantized: bool = False, seed: int = 0, *, bits: int = 4, group_size: int = 32,
-             **overrides) -> Path:
+             quant_predicate=None, **overrides) -> Path:
     """Write a tiny random `arch` checkpoint into `folder` (which must not exist yet); returns it.
-    quantized: mlx-lm's converter (`mlx_lm.convert.convert`) on a float folder written beside it."""
+    quantized: mlx-lm's converter (`mlx_lm.convert.convert`) on a float folder written beside it, with
+    `quant_predicate` (an mlx-lm recipe such as "mixed_3_6": some layers' down projections at 6 bits)."""
     folder = Path(folder)
     if quantized:
         src = make_moe(folder.with_name(folder.name + ".float"), arch, seed=seed, **overrides)
         from mlx_lm.convert import convert
 
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints its progress
-            convert(str(src), str(folder), quantize=True, q_bits=bits, q_group_size=group_size)
+            convert(str(src), str(folder), quantize=True, q_bits=bits, q_group_size=group_size,
+                    quant_predicate=quant_predicate)
         return folder
     folder.mkdir(parents=True, exist_ok=False)
     config = {**moe_config(arch), **overrides}

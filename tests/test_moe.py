@@ -280,3 +280,16 @@ def test_prepare_converts_without_calibrating(moe, tmp_path, capsys):
         main(["--model", str(src), "--estimate"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --estimate does not size mixtures of experts")
+
+
+def test_a_layer_quantized_otherwise_is_requantized_and_reported(direct_root, capsys):
+    """mlx-lm's mixed_3_6 recipe puts the last MoE layer's down projections at 6 bits: convert stores them at the
+    extents' 3 bits, says so with the error, and keeps it in flash.json."""
+    src = make_moe(direct_root / "mixed", "qwen3_moe", quantized=True, bits=3, quant_predicate="mixed_3_6")
+    out = convert(str(src), direct_root / "mixed.flash")
+    printed = capsys.readouterr().out
+    err = ExpertStore.load(out).source["requantized"]["2"]["down_proj"]
+    assert "layer 2: down_proj quantized otherwise in the source" in printed and 0 < err < 0.5
+    model, _ = load_flash(out, "flash", slots=SLOTS)
+    ref = generate_logits(reference_model(src), 4)
+    assert relative(teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]]), ref) < 0.5
