@@ -1,6 +1,6 @@
 """Peer mode: llama.cpp beside our rows, in a memory cgroup of the same total limit, on the same weights.
 
-    python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits 0.5,0.75,1,1.5,2,2.5,3]
+    python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits min,0.5,0.75,1,1.5,2,3]
         [--prompt-tokens 32] [--gen-tokens 16] [--repeats 2] [--json out.json] [--plots DIR] [--report out.json]
 
 A user with a model bigger than memory would otherwise run llama.cpp, which mmaps the GGUF and
@@ -15,11 +15,14 @@ calibrates as it would any GGUF. A `.gguf` path works too.
 The memory limit is one number per point, the total a process may hold: each --limits value is a
 share of the GGUF file's size (or bytes: 150M). llama.cpp runs in a memory cgroup (v1) with that
 limit, its weights mmapped (its default), the file's pages dropped from the page cache first. Our
-rows (dense without a limit; naive mmap and flash under it) run in one child process inside a
-cgroup, as `bench --cgroup` runs them: the child's baseline (its cgroup usage once the interpreter,
+rows (dense without a limit; naive mmap and flash under it) run in a child process per limit inside
+a cgroup, as `bench --cgroup` runs them: the child's baseline (its cgroup usage once the interpreter,
 MLX and mlx-lm are loaded, before any weight) and --cgroup-slack come off the limit, and the rest is
-the row's budget:  budget = limit - baseline - slack  (`budget_for`). So both processes get the same
+the rows' budget:  budget = limit - baseline - slack  (`budget_for`). So both processes get the same
 memory, and the interpreter's share of it is counted against us, as it is on a user's machine.
+`min` in --limits adds, per row, the smallest limit its plan accepts (flash: rows.min_flash_budget;
+naive: resident weights and one streamed layer), from the unlimited child's baseline, plus 4 MiB;
+llama.cpp runs there too, so each table shows both at the smallest memory ours can run in.
 
 Per row: decode and prompt tokens/s, peak memory (the cgroup's `max_usage_in_bytes`: the process's
 memory and the page cache it was charged for), and bytes read from storage per decode token. For
@@ -47,11 +50,12 @@ from ..sizes import parse_size
 from .peer_build import binary, peer_dir
 
 DEFAULT_MODELS = "smollm2-135m,llama-1b-L4"
-DEFAULT_LIMITS = "0.5,0.75,1,1.5,2,2.5,3"
+DEFAULT_LIMITS = "min,0.5,0.75,1,1.5,2,3"
 DEFAULTS = {"prompt_tokens": 32, "gen_tokens": 16, "repeats": 2}
 QUICK = {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1}
 OUR_ROWS = {"dense": "dense (MLX, no limit)", "naive": "naive mmap (MLX)", "windowing": "flash (MLX)"}
 PEER_LABEL = "llama.cpp (mmap)"
+MIN_MARGIN = 4 << 20  # added to a row's smallest limit: the baseline of the child that runs it may be higher
 PEER_TIMEOUT = 600  # seconds a llama-bench run may take (at a limit far below the file it thrashes)
 NOT_BUILT = "peer not built: run `make peer` (builds llama.cpp's llama-bench into .peer/, about 6 minutes)"
 
@@ -170,8 +174,9 @@ def resolve_model(name: str) -> dict:
 # MARK: - the memory limit
 
 
-def parse_limits(text: str, model_size: int) -> Dict[str, int]:
-    """--limits: shares of the model file (1.5) or sizes (150M), each the total a process may hold."""
+def parse_limits(text: str, model_size: int, allow_none: bool = False) -> Dict[str, int]:
+    """--limits: shares of the model file (1.5) or sizes (150M), each the total a process may hold ('min',
+    the smallest each of our rows' plans accepts, is run()'s)."""
     out = {}
     for item in str(text).split(","):
         item = item.strip()
@@ -188,7 +193,7 @@ def parse_limits(text: str, model_size: int) -> Dict[str, int]:
         if share <= 0:
             raise FlashError(f"--limits: {item} is not a positive share of the model")
         out[f"{share:g}x"] = int(share * model_size)
-    if not out:
+    if not out and not allow_none:
         raise FlashError("--limits: no limit given")
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
@@ -298,41 +303,55 @@ def peer_row(gguf_path: Path, limit: Optional[int], prompt: int, gen: int, repea
 def our_rows(folder: Path, limits: Dict[str, int], args) -> dict:
     """dense (no limit), then naive and flash at each limit, each limit in a child process of its own inside
     a memory cgroup (bench.cgroup's spawn): the child sets the rows' budget from its own baseline, and a
-    row the kernel kills at one limit costs that limit's figures only."""
-    from ..system import drop_cache
-    from .cgroup import make_cgroup, spawn
-
+    row the kernel kills at one limit costs that limit's figures only. With --limits min, `limits` gains
+    the smallest limit each of naive's and flash's plans accepts, from the unlimited child's figures."""
     out = {"runs": {}, "notes": {}}
-    plan = ([("-", None, ["dense"])] if "dense" in args.rows else []) + [
-        (label, limit, [r for r in args.rows if r != "dense"]) for label, limit in limits.items()]
-    for label, limit, rows in plan:
-        if not rows:
-            continue
-        if limit and "baseline_bytes" in out and budget_for(limit, out["baseline_bytes"], args.cgroup_slack) <= 0:
+    first = spawn_child(folder, "-", None, ["dense"] if "dense" in args.rows else [], args, out)
+    if first is not None and args.min_limits:
+        for row, need in first["min_budgets"].items():
+            if row in args.rows and need is not None:
+                limits[f"{row} min"] = limit_for(need, first["baseline_bytes"], args.cgroup_slack)
+        ordered = dict(sorted(limits.items(), key=lambda kv: kv[1]))  # ascending, the mins in their place
+        limits.clear()
+        limits.update(ordered)
+    rows = [r for r in args.rows if r != "dense"]
+    for label, limit in limits.items():
+        if "baseline_bytes" in out and budget_for(limit, out["baseline_bytes"], args.cgroup_slack) <= 0:
             out["notes"][label] = (f"the interpreter's baseline ({out['baseline_bytes'] / 1e6:.1f} MB, measured in the "
                                    f"dense row's child) and the slack alone exceed the limit")
             continue
-        for f in ("ffn.bundles", "resident.safetensors"):  # cold, and charged to the child's cgroup when read
-            if (folder / f).exists():
-                drop_cache(folder / f)
-        cg = make_cgroup()
-        path = Path(tempfile.mkdtemp(prefix="mlx-flash-peer-")) / "child.json"
-        argv = ["--peer", "--peer-child", str(cg), "--peer-limit", str(limit or 0), "--json", str(path),
-                "--models", str(folder), "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens",
-                str(args.gen_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
-                "--cgroup-slack", str(args.cgroup_slack), "--rows", ",".join(rows)]
-        try:
-            res = spawn(cg, path, argv, [OUR_ROWS[r] + ("" if limit is None else f" at {limit / 1e6:.1f} MB")
-                                         for r in rows])
-        except FlashError as e:  # the child was killed: a row needed more than the limit
-            out["notes"][label] = f"the child process failed at this limit ({str(e).split(';')[0]})"
-            continue
-        for k, runs in res["runs"].items():
-            out["runs"][f"{k.split('@')[0]}@{label}"] = runs
-        out["notes"].update({label: res["note"]} if res.get("note") else {})
-        out.update(baseline_bytes=res["baseline_bytes"], baseline_rss_bytes=res["baseline_rss_bytes"],
-                   slack_bytes=res["slack_bytes"])
+        if rows:
+            spawn_child(folder, label, limit, rows, args, out)
     return out
+
+
+def spawn_child(folder: Path, label: str, limit: Optional[int], rows: List[str], args, out: dict) -> Optional[dict]:
+    """One child inside a fresh memory cgroup, its runs and notes added to `out` under `label`."""
+    from ..system import drop_cache
+    from .cgroup import make_cgroup, spawn
+
+    for f in ("ffn.bundles", "resident.safetensors"):  # cold, and charged to the child's cgroup when read
+        if (folder / f).exists():
+            drop_cache(folder / f)
+    cg = make_cgroup()
+    path = Path(tempfile.mkdtemp(prefix="mlx-flash-peer-")) / "child.json"
+    argv = ["--peer", "--peer-child", str(cg), "--peer-limit", str(limit or 0), "--json", str(path),
+            "--models", str(folder), "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens",
+            str(args.gen_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads),
+            "--cgroup-slack", str(args.cgroup_slack), "--rows", ",".join(rows) or "-"]
+    what = [OUR_ROWS[r] + ("" if limit is None else f" at {limit / 1e6:.1f} MB") for r in rows] or [
+        "the baseline and the plans' smallest budgets"]
+    try:
+        res = spawn(cg, path, argv, what)
+    except FlashError as e:  # the child was killed: a row needed more than the limit
+        out["notes"][label] = f"the child process failed at this limit ({str(e).split(';')[0]})"
+        return None
+    for k, runs in res["runs"].items():
+        out["runs"][f"{k.split('@')[0]}@{label}"] = runs
+    out["notes"].update({label: res["note"]} if res.get("note") else {})
+    out.update(baseline_bytes=res["baseline_bytes"], baseline_rss_bytes=res["baseline_rss_bytes"],
+               slack_bytes=res["slack_bytes"])
+    return res
 
 
 def child(args):
@@ -350,6 +369,8 @@ def child(args):
     out = {"runs": {}, "note": None, "baseline_bytes": s.baseline, "baseline_rss_bytes": measured["rss"],
            "slack_bytes": s.slack}
     rows, budget = list(args.rows), budget_for(args.peer_limit, s.baseline, s.slack)
+    if not args.peer_limit:
+        out["min_budgets"] = min_budgets(s)
     if args.peer_limit and budget <= 0:
         out["note"] = (f"the interpreter's baseline ({s.baseline / 1e6:.1f} MB) and the slack ({s.slack / 1e6:.0f} MB) "
                        f"alone exceed the limit")
@@ -369,6 +390,29 @@ def child(args):
             res["runs"]["dense@-"][-1]["peak_total_bytes"] = int((cg / "memory.max_usage_in_bytes").read_text())
         out["runs"].update(res["runs"])
     Path(args.json).write_text(json.dumps(out))
+
+
+def min_budgets(s) -> Dict[str, int]:
+    """The smallest budget each row's plan accepts: flash's (rows.min_flash_budget: bisection over its plan),
+    naive's (resident weights, one streamed layer, staging, KV cache, working memory: bench.same_budget's rule)."""
+    from ..baselines import KINDS, plan_baseline
+    from ..flash.attach import resident_facts
+    from .rows import clear, min_flash_budget
+
+    clear(s)
+    facts = resident_facts(s.model, s.down_bias)
+    naive = max(plan_baseline(s.folder, s.cfg, facts, kind, 1 << 62, s.context).fixed for kind in KINDS)
+    try:
+        flash = min_flash_budget(s)
+    except FlashError:  # no predictors, or a plan that holds nothing
+        flash = None
+    return {"naive": naive, "windowing": flash}
+
+
+def limit_for(budget: int, baseline: int, slack: int) -> int:
+    """The limit that leaves `budget` (budget_for's inverse) plus MIN_MARGIN, rounded up to a MiB: each child
+    measures its own baseline, a few MB apart."""
+    return -(-(budget + baseline + slack + MIN_MARGIN) // (1 << 20)) << 20
 
 
 def summarize_ours(child_out: dict) -> Dict[str, dict]:
@@ -406,8 +450,8 @@ def setup_arg_parser():
                    help=f"comma list: built-in names, synthetic geometries ({', '.join(g for g in GEOMETRIES if g != 'tiny')}) "
                         f"or .gguf files (default {DEFAULT_MODELS})")
     p.add_argument("--limits", default=DEFAULT_LIMITS,
-                   help="total memory per process: shares of the model file (1.5) or sizes (150M), comma list "
-                        f"(default {DEFAULT_LIMITS})")
+                   help="total memory per process: shares of the model file (1.5) or sizes (150M), and 'min': the "
+                        f"smallest limit naive's and flash's plans accept; comma list (default {DEFAULT_LIMITS})")
     p.add_argument("--prompt-tokens", type=int, default=None, help=f"default {DEFAULTS['prompt_tokens']}")
     p.add_argument("--gen-tokens", "-n", type=int, default=None, help=f"default {DEFAULTS['gen_tokens']}")
     p.add_argument("--repeats", "-r", type=int, default=None, help=f"default {DEFAULTS['repeats']}")
@@ -447,13 +491,16 @@ def run(argv) -> dict:
     for k, v in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip() not in ("", "-")]
+    if args.peer_child:
+        return child(args)
     if not args.rows or any(r not in OUR_ROWS for r in args.rows):
         raise FlashError(f"--rows: choose from {', '.join(OUR_ROWS)}")
     if min(args.prompt_tokens, args.gen_tokens, args.repeats) < 1:
         raise FlashError("--prompt-tokens, --gen-tokens and --repeats must be at least 1")
-    if args.peer_child:
-        return child(args)
+    limits_given = [x.strip() for x in args.limits.split(",")]
+    args.min_limits = "min" in limits_given
+    args.limits = ",".join(x for x in limits_given if x != "min")
     if args.report:  # an earlier run's tables and figures, from its --json
         try:
             result = json.loads(Path(args.report).read_text())
@@ -472,7 +519,7 @@ def run(argv) -> dict:
               else None, "models": []}
     for m in models:
         size = m["gguf"].stat().st_size
-        limits = parse_limits(args.limits, size)
+        limits = parse_limits(args.limits, size, allow_none=args.min_limits)
         print(f"== {m['name']}: our rows at {len(limits)} limits ({', '.join(limits)}) in a memory cgroup ...",
               file=sys.stderr)
         ours = our_rows(Path(m["folder"]), limits, args)
@@ -528,7 +575,7 @@ def print_report(result: dict):
         head = ["limit MB (x GGUF)", "row", "decode tok/s", "prompt tok/s", "peak MB (cgroup)", "disk MB/token", "note"]
         print("\n| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
         for label, limit in [("-", None), *m["limits"].items()]:
-            where = "none" if limit is None else f"{mb(limit)} ({limit / m['gguf_bytes']:.2f}x)"
+            where = limit_cell(label, limit, m["gguf_bytes"])
             for row in ("llama.cpp", "dense", "naive", "windowing"):
                 a = m["rows"].get(f"{row}@{label}")
                 if a is None:
@@ -544,8 +591,17 @@ def print_report(result: dict):
         for row in ("llama.cpp", "naive", "windowing"):
             s = m["smallest"].get(row)
             print(f"- smallest limit {row_label(row)} ran at: " + (
-                f"{mb(s['limit'])} MB ({s['limit_label']}), {s['decode_tok_s']:.2f} decode tok/s" if s
+                f"{mb(s['limit'])} MB ({s['limit_label'].replace('windowing', 'flash')}), {s['decode_tok_s']:.2f} "
+                f"decode tok/s" if s
                 else "none of these"))
+
+
+def limit_cell(label: str, limit: Optional[int], gguf_bytes: int) -> str:
+    """'147.5 (1.50x)', or for a row's smallest limit '255.9 (2.60x, flash min)'."""
+    if limit is None:
+        return "none"
+    kind = "" if label.endswith("x") else ", " + label.replace("windowing", "flash")
+    return f"{limit / 1e6:.1f} ({limit / gguf_bytes:.2f}x{kind})"
 
 
 def side_by_side(m: dict) -> str:
@@ -562,7 +618,7 @@ def side_by_side(m: dict) -> str:
         if label == "-":  # no limit: our reference is dense
             dense = m["rows"].get("dense@-")
             tok[1:] = ["-", "dense: " + ("-" if not dense or not dense["fits"] else f"{dense['decode_tok_s']:.2f}")]
-        where = "none" if limit is None else f"{limit / 1e6:.1f} ({limit / m['gguf_bytes']:.2f}x)"
+        where = limit_cell(label, limit, m["gguf_bytes"])
         lines.append("| " + " | ".join([where, *tok, *disk]) + " |")
     return "\n".join(lines)
 
