@@ -125,3 +125,19 @@ def test_prompt_pass_within_the_budget(trained_flash):
     out = list(stream(model, tok, IDS + IDS[:84], max_tokens=8))
     assert out[-1].flash["prompt_passes"] == 2 * FlashConfig.load(folder).n_layers  # two chunks of 100
     assert mx.get_peak_memory() <= budget, (mx.get_peak_memory(), budget)
+
+
+def test_the_planned_chunk_follows_the_budget(trained_flash):
+    """By default the prompt chunk is the longest that leaves the windows their rows: up to the context
+    with room to spare, shorter chunks (not a refusal) when 128 tokens' working memory does not fit."""
+    folder = trained_flash("llama_relu_untied")
+    roomy, _ = load(str(folder), mode="flash", max_kv_size=300)
+    assert roomy.flash_plan.prefill_step == 300  # the whole context: one chunk
+    roomy.flash_reader.close()
+    fixed, _ = load(str(folder), mode="flash", max_kv_size=300, prefill_step=128, slots=64)
+    tight = fixed.flash_plan.total - 1  # a byte short of 128 tokens' working memory and 64-row windows
+    fixed.flash_reader.close()
+    small, _ = load(str(folder), mode="flash", max_kv_size=300, dram_budget=tight, slots=64)
+    assert small.flash_plan.prefill_step < 128 and small.flash_plan.total <= tight
+    with pytest.raises(FlashError):
+        load(str(folder), mode="flash", max_kv_size=300, dram_budget=tight, slots=64, prefill_step=128)

@@ -14,7 +14,8 @@ processed in chunks of `prefill_step` tokens (mlx-lm's prefill_step_size, set to
 match), whose attention scores and activations are the working memory planned. By
 default the chunk is the longest (up to the context) that leaves the windows all the
 rows they want: each chunk of a long prompt is one pass over every layer's FFN
-(flash.prompt), so a longer chunk reads less before the first token.
+(flash.prompt), so a longer chunk reads less before the first token; a budget too
+tight for 128 tokens gets shorter chunks before it is refused.
 """
 
 import math
@@ -37,6 +38,7 @@ DEFAULT_THREADS = 32  # the paper's
 DEFAULT_MAX_KV_SIZE = 512  # tokens of context (prompt + generated) the budget reserves KV cache for
 DEFAULT_PREFILL_STEP = 128  # prompt tokens per forward pass when the budget holds no more
 PREFILL_STEPS = (2048, 1024, 512, 256)  # tried first, largest first: a longer chunk is fewer passes over the FFN
+SMALLEST_PREFILL_STEP = 16  # what a tight budget may cut the chunk to (more chunks: the prompt runs slower)
 UNBUDGETED_PREFILL_STEP = 512  # without a budget: mlx-lm's 2048 would hold ~1 GB of a 7B model's attention scores
 SLOT_MARGIN = 1.1  # buffer rows over the calibrated 99th percentile of the window's union
 
@@ -161,8 +163,14 @@ def plan(folder: Optional[Path], cfg: FlashConfig, resident_bytes: int, predicto
                 chunk, working, fixed = c, working + more, fixed + more
                 break
     if budget_bytes is not None:
-        room = budget_bytes - fixed
         need = sum(floor) * row + cfg.n_layers * align
+        if prefill_step is None:  # a tight budget: shorter chunks, down to SMALLEST_PREFILL_STEP, before refusing
+            for c in (c for c in (64, 32, SMALLEST_PREFILL_STEP) if c < chunk):
+                if budget_bytes - fixed >= need:
+                    break
+                less = working - working_bytes(cfg, transient, c, max_kv_size, item)
+                chunk, working, fixed = c, working - less, fixed - less
+        room = budget_bytes - fixed
         if room < need:
             raise FlashError(
                 f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot hold this model in flash mode: resident "
