@@ -23,7 +23,10 @@ IQ tensor, and returns wrong values for Q4_K. Why not gguf-py's GGUFReader for t
 
 Architectures (`general.architecture`), and what llama.cpp's convert_hf_to_gguf.py did that is
 undone here:
-- llama: Q/K rows permuted for llama.cpp's interleaved RoPE.
+- llama: Q/K rows permuted for llama.cpp's interleaved RoPE. With `llama.expert_count` it is a Mixtral
+  (llama.cpp writes Mixtral as a llama with experts): model_type mixtral.
+- qwen3moe: nothing (NEOX RoPE); every layer routes to experts, the top-k weights renormalized (llama.cpp's
+  rule for it, or `expert_weights_norm` where the file says).
 - qwen2, qwen3: nothing (NEOX RoPE is HF's order).
 - gemma3: every `*norm.weight` stored + 1 (HF's Gemma3RMSNorm multiplies by 1 + w). What the GGUF
   does not store, llama.cpp fixes and so do we: sliding-window pattern 6, local RoPE base 10000,
@@ -33,8 +36,14 @@ Tokenizers (`tokenizer.ggml.model`), written by `save_gguf_tokenizer` as a token
 loads: gpt2 (byte-level BPE with the file's merges) and llama (SentencePiece: Llama 1/2, Mistral, Gemma;
 BPE with byte fallback, merges rebuilt from the scores, as transformers' GGUF loader builds it).
 
-Not read: Llama 3.1+'s `rope_freqs` tensor (its RoPE scaling), MoE experts, other architectures;
-each is refused in one line.
+Mixtures of experts: each MoE layer's routed experts are three stacked tensors (`ffn_gate_exps`,
+`ffn_up_exps`, `ffn_down_exps`, ggml dims (in, out, experts)), which in MLX order are mlx-lm's SwitchGLU
+parameters (experts, out, in) as they are: named `...switch_mlp.gate_proj.weight` etc., quantized triples
+or dequantized like any other tensor; the router `ffn_gate_inp` is the block's `gate`. convert_experts.py
+then writes them as expert extents.
+
+Not read: Llama 3.1+'s `rope_freqs` tensor (its RoPE scaling), per-expert tensors of old Mixtral GGUFs
+(`blk.N.ffn_gate.E.weight`), other architectures; each is refused in one line.
 """
 
 import mmap
@@ -50,7 +59,7 @@ from .errors import FlashError
 
 GGUF_GROUP_SIZE = 32  # weights per Q4_0/Q4_1/Q8_0 block: one scale and one bias each
 DEQUANT_DTYPE = mx.float16  # what the other quantized types are expanded to
-SUPPORTED = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
 
 _COMMON_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -68,12 +77,23 @@ _COMMON_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LLAMA_NAMES = {**_COMMON_NAMES, "ffn_norm": "post_attention_layernorm"}
-_NAMES = {
+
+
+def _moe_names(block: str) -> dict:
+    """A MoE layer's router and stacked experts, in mlx-lm's names (its sanitize leaves them as they are)."""
+    dense = {k: v for k, v in _LLAMA_NAMES.items() if k not in ("ffn_gate", "ffn_up", "ffn_down")}
+    return {**dense, "ffn_gate_inp": f"{block}.gate", "ffn_gate_exps": f"{block}.switch_mlp.gate_proj",
+            "ffn_up_exps": f"{block}.switch_mlp.up_proj", "ffn_down_exps": f"{block}.switch_mlp.down_proj"}
+
+
+_NAMES = {  # by the config's model_type
     "llama": _LLAMA_NAMES,
+    "mixtral": _moe_names("block_sparse_moe"),
     "qwen2": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES,
-    "gemma3": {**_COMMON_NAMES, "post_attention_norm": "post_attention_layernorm",
-               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+    "qwen3_moe": _moe_names("mlp"),
+    "gemma3_text": {**_COMMON_NAMES, "post_attention_norm": "post_attention_layernorm",
+                    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
 
 
@@ -338,8 +358,14 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
     n_heads = _one(g("attention.head_count"), "attention head count")
     head_dim = int(g("attention.key_length", hidden // n_heads))
     embed = shapes.get("token_embd.weight")
+    experts = int(g("expert_count", 0))
+    model_type = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}.get(arch, arch)
+    if arch == "llama" and experts:
+        model_type = "mixtral"
+    elif arch == "qwen3moe" and not experts:
+        raise FlashError(f"{path}: the GGUF metadata lacks qwen3moe.expert_count")
     config = {
-        "model_type": "gemma3_text" if gemma else arch,
+        "model_type": model_type,
         "hidden_size": hidden,
         "num_hidden_layers": n_layers,
         "intermediate_size": _one(g("feed_forward_length"), "FFN size"),
@@ -358,8 +384,18 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
         config["head_dim"] = head_dim
     if arch == "qwen2" and head_dim * n_heads != hidden:
         raise FlashError(f"{path}: a qwen2 GGUF whose head size is not hidden / heads is not supported")
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3moe"):
         config["head_dim"] = head_dim
+    if experts:
+        if f"{arch}.expert_used_count" not in meta:
+            raise FlashError(f"{path}: the GGUF metadata lacks {arch}.expert_used_count")
+        top_k = int(g("expert_used_count"))
+        if model_type == "mixtral":
+            config.update(num_local_experts=experts, num_experts_per_tok=top_k)
+        else:  # every layer routes (llama.cpp's qwen3moe has no dense layers)
+            config.update(num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[],
+                          moe_intermediate_size=int(g("expert_feed_forward_length", config["intermediate_size"])),
+                          norm_topk_prob=bool(g("expert_weights_norm", True)))
     if gemma:
         config["head_dim"] = head_dim
         config["query_pre_attn_scalar"] = hidden // n_heads if n_layers == 62 else head_dim
@@ -397,7 +433,7 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
     if not meta.get("tokenizer.ggml.tokens"):
         raise FlashError(f"{path}: the GGUF file has no tokenizer in its metadata")
 
-    names = _NAMES[arch]
+    names = _NAMES[config["model_type"]]
     n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     out, quant = {}, {}
     for name, (kind, shape, offset) in table.items():
