@@ -68,8 +68,12 @@ def relative(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def flash_layers(model) -> list:
+    return [m for _, m in model.named_modules() if type(m).__name__ == "FlashExperts"]
+
+
 def caches(model) -> list:
-    return [m.cache for _, m in model.named_modules() if type(m).__name__ == "FlashExperts"]
+    return [m.cache for m in flash_layers(model)]
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "q4"])
@@ -79,7 +83,7 @@ def test_flash_experts_equal_mlx_lm(moe, arch, quantized):
     are the misses times an extent; the slot buffers are the ones allocated at load."""
     src, folder = moe(arch, quantized)
     ref = generate_logits(reference_model(src))
-    model, store = load_flash(folder, "flash", slots=SLOTS)
+    model, store = load_flash(folder, "flash", slots=SLOTS, prompt_mode="window")  # reads: the window's misses
     buffers = [(c.buffer, c.buffer.addresses) for c in caches(model)]
     ours = teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]])
     assert relative(ours, ref) <= TOL
@@ -120,10 +124,47 @@ def test_prompt_in_groups_that_fit_the_slots(moe):
     src, folder = moe("mixtral")
     ids = np.random.default_rng(0).integers(3, 500, 24).tolist()
     ref = np.array(reference_model(src)(mx.array(ids)[None])[0])
-    model, _ = load_flash(folder, "flash", slots=TOP_K)
+    model, _ = load_flash(folder, "flash", slots=TOP_K, prompt_mode="window")
     assert relative(np.array(model(mx.array(ids)[None])[0]), ref) <= TOL
     assert all(c.stats.steps > 3 for c in caches(model))
     assert model.flash_stats.prompt_tokens == len(ids) and model.flash_stats.prompt_experts_read > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_prompt_pass_reads_each_expert_once(moe, arch):
+    """A prompt as one pass over its experts: each of a layer's routed experts read once, in expert order,
+    through the pass's staging halves; the logits are mlx-lm's, and so are the decode tokens after it (the
+    slots were refilled with the prompt's last experts as they passed)."""
+    src, folder = moe(arch, True)
+    ref = generate_logits(reference_model(src), 8)
+    model, store = load_flash(folder, "flash", slots=SLOTS, prompt_mode="pass")
+    passing, reads = flash_layers(model)[0].passing, {}
+    read = passing._read
+    passing._read = lambda layer, experts, half: (reads.setdefault(layer, []).extend(experts), read(layer, experts,
+                                                                                                    half))[1]
+    ours = teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]])
+    assert relative(ours, ref) <= TOL
+    s = model.flash_stats
+    assert s.prompt_passes == len(store.moe_layers) and s.prompt_groups == 0
+    assert sorted(reads) == store.moe_layers and all(np.all(np.diff(e) > 0) for e in reads.values())  # once, sorted
+    n = sum(len(e) for e in reads.values())
+    assert s.prompt_experts_read == n > len(store.moe_layers) * SLOTS
+    assert s.prompt_bytes_read == n * store.layout.stride
+    assert model.flash_plan.prompt_staging > 0 and model.flash_plan.pass_rows == TOP_K // 2
+
+
+def test_prompt_mode_auto_takes_the_fewer_reads(moe):
+    """auto: a prompt whose experts outnumber the slots runs as a pass (fewer reads than groups that read
+    evicted experts again); with a slot for every expert, as one group; the logits are the same."""
+    _, folder = moe("mixtral")
+    ids = mx.array(np.random.default_rng(1).integers(3, 500, 32).tolist())[None]
+    few, _ = load_flash(folder, "flash", slots=TOP_K)
+    window, _ = load_flash(folder, "flash", slots=TOP_K, prompt_mode="window")
+    every, _ = load_flash(folder, "flash", slots=EXPERTS)
+    a, b, c = (np.array(m(ids)[0]) for m in (few, window, every))
+    assert relative(a, c) <= TOL and relative(b, c) <= TOL
+    assert few.flash_stats.prompt_passes == 2 and every.flash_stats.prompt_groups == 2
+    assert few.flash_stats.prompt_experts_read < window.flash_stats.prompt_experts_read
 
 
 def test_lookahead_changes_where_bytes_come_from_not_the_output(moe):
@@ -159,7 +200,9 @@ def test_budget_plan_smallest_and_refusal(moe):
     _, folder = moe("qwen3_moe", True)
     model, _ = load_flash(folder, "flash", dram_budget=None)
     pl = model.flash_plan
-    assert pl.slots == EXPERTS and pl.total == pl.resident + pl.kv_cache + pl.working + pl.staging + pl.buffers
+    assert pl.slots == EXPERTS and pl.total == pl.resident + pl.kv_cache + pl.working + pl.staging + \
+        pl.prompt_staging + pl.buffers
+    assert 0 < flash_layers(model)[0].passing.nbytes <= pl.prompt_staging  # the prompt pass's halves are planned
     smallest, _ = load_flash(folder, "flash", dram_budget=str(pl.smallest))
     assert smallest.flash_plan.slots == TOP_K and smallest.flash_plan.total <= pl.smallest
     with pytest.raises(FlashError, match=r"the smallest budget is .* MB \(\d+% of the model's") as e:

@@ -8,7 +8,8 @@ each MoE layer a FlashExperts over `slots` expert slots (flash/experts.py).
 
 The plan (`plan_experts`) counts what flash mode holds: the resident part, the KV cache of the context
 reserved (`max_kv_size`, allocated once), a prompt chunk's working memory, the reads' staging area
-(a token's top-k extents; three such areas with lookahead) and the slots of every MoE layer. The slots
+(a token's top-k extents; three such areas with lookahead), the prompt pass's two halves (top-k experts
+in all, flash/expert_prompt.py) and the slots of every MoE layer. The slots
 are as many as the budget leaves room for, up to every expert; fewer than a token's top-k cannot run,
 so that is the smallest budget, and a smaller one is refused in one line with the numbers.
 """
@@ -34,6 +35,8 @@ from .attach import resident_facts
 from .budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, kv_bytes, working_bytes
 from .bundle_reader import BUFFER_ALIGN, BundleBuffer, BundleReader
 from .expert_cache import ExpertCache
+from .expert_prompt import MODES as PROMPT_MODES
+from .expert_prompt import ExpertPass
 from .experts import ExpertStats, FlashExperts
 from .neuron_cache import NeuronBuffer
 from .prefetch import Prefetcher
@@ -51,6 +54,7 @@ class ExpertPlan:
     kv_cache: int
     working: int
     staging: int
+    prompt_staging: int  # the prompt pass's two halves of pass_rows experts each
     buffers: int  # the slots of every MoE layer
     slots: int  # expert slots per MoE layer
     experts: int  # routed experts per MoE layer
@@ -58,12 +62,13 @@ class ExpertPlan:
     moe_layers: int
     window: int
     staging_rows: int
+    pass_rows: int
     max_kv_size: int
     prefill_step: int
 
     @property
     def total(self) -> int:
-        return self.resident + self.kv_cache + self.working + self.staging + self.buffers
+        return self.resident + self.kv_cache + self.working + self.staging + self.prompt_staging + self.buffers
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
@@ -95,21 +100,24 @@ def plan_experts(store: ExpertStore, total: int, resident: int, transient: int =
                                d_ff=k * (store.d_ff + store.d_model) + store.num_experts)
     working = working_bytes(geometry, transient, chunk, max_kv_size, item)
     staging = k * store.layout.stride * (3 if prefetch else 1)  # prefetch: two more areas
+    pass_rows = max(1, k // 2)
+    prompt_staging = 2 * (pass_rows * store.expert_bytes + len(store.layout.fields) * BUFFER_ALIGN)
     per_slot = n * store.expert_bytes
     align = n * len(store.layout.fields) * BUFFER_ALIGN  # every field array starts on a page
-    fixed = resident + kv + working + staging + align
+    fixed = resident + kv + working + staging + prompt_staging + align
     smallest = fixed + k * per_slot
     if slots is None:
         slots = store.num_experts if budget_bytes is None else \
             int(min(store.num_experts, max(0, budget_bytes - fixed) // per_slot))
     slots = min(slots, store.num_experts)
-    plan = ExpertPlan(budget_bytes, total, resident, kv, working, staging, align + slots * per_slot, slots,
-                      store.num_experts, smallest, n, window, k, max_kv_size, prefill_step)
+    plan = ExpertPlan(budget_bytes, total, resident, kv, working, staging, prompt_staging, align + slots * per_slot,
+                      slots, store.num_experts, smallest, n, window, k, pass_rows, max_kv_size, prefill_step)
     if budget_bytes is not None and (slots < k or plan.total > budget_bytes):
         raise FlashError(
             f"a DRAM budget of {budget_bytes / 1e6:.1f} MB cannot run this model in flash mode: resident weights "
             f"{resident / 1e6:.1f} MB + KV cache of {max_kv_size} tokens {kv / 1e6:.1f} MB + working memory "
-            f"{working / 1e6:.1f} MB + read staging {staging / 1e6:.1f} MB + {max(slots, k)} expert slots in each of "
+            f"{working / 1e6:.1f} MB + read staging {staging / 1e6:.1f} MB + prompt pass staging "
+            f"{prompt_staging / 1e6:.1f} MB + {max(slots, k)} expert slots in each of "
             f"{n} MoE layers {(align + max(slots, k) * per_slot) / 1e6:.1f} MB need "
             f"{max(plan.total, smallest) / 1e6:.1f} MB; the smallest budget is {smallest / 1e6:.1f} MB "
             f"({smallest / total:.0%} of the model's {total / 1e6:.1f} MB: {k} slots, a token's experts)")
@@ -166,17 +174,18 @@ def load_experts(folder, mode: str = "flash", dram_budget=None, slots: Optional[
                  prefill_step: Optional[int] = None, prefetch: Optional[bool] = None, profile: bool = False,
                  recall: Optional[float] = None, prompt_mode: Optional[str] = None):
     """Load a converted MoE folder dense or in flash mode; returns (model, ExpertStore).
-    prefetch: lookahead reads (None: off, as measured on this machine: README); prompts run in groups of
-    tokens whose experts fit the slots (flash/experts.py); the other options as flash.attach.attach_flash's."""
+    prefetch: lookahead reads (None: off, as measured on this machine: README); prompt_mode: a prompt runs in
+    groups of tokens whose experts fit the slots ("window"), as one pass over its experts ("pass"), or
+    whichever reads fewer experts, per layer ("auto", the default; flash/expert_prompt.py); the other options
+    as flash.attach.attach_flash's."""
     folder = Path(folder)
     store = ExpertStore.load(folder)
     if mode not in ("dense", "flash"):
         raise FlashError(f"unknown mode '{mode}' (choose from dense, flash)")
     if recall is not None:
         raise FlashError("--recall chooses a predictor's recall: a mixture of experts has none (its router is exact)")
-    if prompt_mode not in (None, "auto", "window"):
-        raise FlashError(f"--prompt-mode {prompt_mode}: a mixture of experts runs a prompt in groups of tokens whose "
-                         f"experts fit its slots (auto or window)")
+    if prompt_mode not in (None, *PROMPT_MODES):
+        raise FlashError(f"unknown --prompt-mode {prompt_mode} (choose from {', '.join(PROMPT_MODES)})")
     prefill_step = prefill_step or DEFAULT_PREFILL_STEP
     if threads < 1:
         raise FlashError("--threads must be at least 1")
@@ -206,9 +215,14 @@ def load_experts(folder, mode: str = "flash", dram_budget=None, slots: Optional[
     for l, block in blocks.items():
         buf = NeuronBuffer(pl.slots, store.layout, staging.np.reshape(-1))  # slots never move: no scratch use
         cache = ExpertCache(store.num_experts, pl.slots, pl.window, buffer=buf)
-        ffn = FlashExperts(l, slot_glu(switches[l], buf, store), cache, reader, staging, stats, not ffns, profile)
+        ffn = FlashExperts(l, slot_glu(switches[l], buf, store), cache, reader, staging, stats, not ffns, profile,
+                           prompt_mode or "auto")
         setattr(block, moe.switch, ffn)
         ffns.append((ffn, block))
+    passing = ExpertPass(ffns[0][0].glu, store.layout, pl.pass_rows, reader, staging)  # shared: layers take turns
+    reader.before_close.append(passing.close)
+    for ffn, _ in ffns:
+        ffn.passing = passing
     if prefetch:
         prefetcher = Prefetcher(reader, store.layout, pl.staging_rows)
         reader.before_close.append(prefetcher.close)  # its reads use the reader's threads

@@ -13,7 +13,9 @@ MLX evaluates the output lazily, at the next layer's sync.
 
 A prompt (several tokens) is cut into groups of consecutive tokens whose experts fit the slots, each
 group one window step, evaluated before the next group's reads refill its slots: the output equals
-the dense MoE's whatever the slots (at least top-k).
+the dense MoE's whatever the slots (at least top-k). Or it is one pass over the prompt's experts, each
+read once in expert order (flash/expert_prompt.py): `prompt_mode` "auto" takes, per layer and prompt,
+the one predicted to read fewer experts.
 
 Lookahead (flash.prefetch, as for neurons): the experts that layer l+1's router picks from layer l's
 input are read in the background while layer l computes; layer l+1 takes the ones it needs (hits)
@@ -27,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .expert_prompt import choose
 from .ffn import to_host
 from .neuron_cache import load_active
 
@@ -53,6 +56,8 @@ class ExpertStats:
     prompt_experts_read: int = 0
     prompt_bytes_read: int = 0
     prompt_io_s: float = 0.0
+    prompt_passes: int = 0  # MoE layers that ran a prompt as one pass over its experts
+    prompt_groups: int = 0  # MoE layers that ran a prompt in groups
     prefetched: int = 0  # extents read ahead by the lookahead, decode
     prefetch_hits: int = 0  # of those, needed by their layer
     prefetch_wasted: int = 0  # of those, not needed: dropped
@@ -93,6 +98,8 @@ class ExpertStats:
             "prompt_bytes_read": self.prompt_bytes_read,
             "prompt_experts_read": self.prompt_experts_read,
             "prompt_ms_io": 1000.0 * self.prompt_io_s,
+            "prompt_passes": self.prompt_passes,
+            "prompt_groups": self.prompt_groups,
             "prefetched_per_token": self.prefetched / t,
             "prefetch_hit_rate": self.prefetch_hits / (self.needed - self.hits)
             if self.prefetched and self.needed > self.hits else None,
@@ -105,13 +112,15 @@ class FlashExperts(nn.Module):
     """One MoE layer's routed experts in flash mode: `glu` is mlx-lm's SwitchGLU over the slot buffer of
     `cache` (an ExpertCache), `reader` reads extents, `staging` is the model's shared staging area.
     first: the model's first MoE layer (it counts the tokens). profile: evaluate the output here, so
-    that compute_s holds each layer's own compute (an extra host sync per layer)."""
+    that compute_s holds each layer's own compute (an extra host sync per layer). prompt_mode: "auto",
+    "pass" or "window" (flash/expert_prompt.py); `passing`, the model's ExpertPass, is set by attach."""
 
     def __init__(self, layer: int, glu: nn.Module, cache, reader, staging, stats: ExpertStats, first: bool,
-                 profile: bool = False):
+                 profile: bool = False, prompt_mode: str = "auto"):
         super().__init__()
         self.layer, self.glu, self.cache = layer, glu, cache
         self.reader, self.staging, self.stats, self.first, self.profile = reader, staging, stats, first, profile
+        self.prompt_mode, self.passing = prompt_mode, None
         self._last = None  # the latest output, computed on this layer's slots
         # lookahead, set by attach_experts: the next MoE layer's router, its FlashExperts, the Prefetcher
         self.lookahead, self.next, self.prefetcher = None, None, None
@@ -159,8 +168,17 @@ class FlashExperts(nn.Module):
         elif self.first:
             s.prompt_tokens += len(ids)
 
+        groups = list(self.groups(ids))
+        if not decode and self.passing is not None:
+            if choose(self.prompt_mode, self.cache, ids, groups):
+                s.prompt_passes += 1
+                y, cost = self.passing.run(self.layer, xs, ids, self.cache, self.glu)
+                s.add_read(cost.read, False)
+                self._last = y
+                return y.reshape(*indices.shape, x.shape[-1])
+            s.prompt_groups += 1
         outs = []
-        for a, b in self.groups(ids):
+        for a, b in groups:
             if outs:
                 mx.eval(outs[-1])  # the previous group's slots may be refilled now
             before = self.cache.stats.snapshot()

@@ -157,6 +157,11 @@ class NeuronBuffer:
         for name, offset, nbytes, _, _ in self._spec:
             self._np[name][rows] = staged[:, offset : offset + nbytes]
 
+    def take(self, rows: np.ndarray, other: "NeuronBuffer", other_rows: np.ndarray):
+        """Copy rows other_rows[k] of `other` (a buffer of the same layout) into rows[k]."""
+        for name, _, _, _, _ in self._spec:
+            self._np[name][rows] = other._np[name][other_rows]
+
     def move(self, holes: np.ndarray, movers: np.ndarray) -> int:
         """Row movers[k] into row holes[k] (holes all below movers); returns the bytes moved."""
         for name, _, nbytes, _, _ in self._spec:
