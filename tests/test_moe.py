@@ -293,15 +293,21 @@ def test_evaluate_and_server_report_experts(moe):
 
 def test_moe_benchmark_rows_on_a_tiny_geometry(tmp_path):
     """bench.moe end to end on the tiny geometry: every row runs at one budget (in a child process each),
-    the routing process realizes the locality asked for, flash reads fewer experts than naive mmap."""
-    from mlx_flash.bench.moe import Routing, main
+    the routing process realizes the locality asked for, flash reads fewer experts than naive mmap; the
+    prompt rows run a prompt in groups and as a pass."""
+    from mlx_flash.bench.moe import ROWS, Routing, main, report
 
     out = tmp_path / "moe.json"
     main(["--geometry", "tiny", "--layers", "4", "--share", "400%", "--tokens", "2", "--settle", "2", "--repeats", "1",
+          "--rows", ",".join(ROWS + ("prompt-groups", "prompt-pass")), "--prompt-tokens", "16",
           "--no-cgroup", "--quiet", "--dir", str(tmp_path / "m"), "--json", str(out)])
     r = json.loads(out.read_text())
     s = r["summary"]
-    assert set(s) == {"naive", "pagecache", "flash", "flash+lookahead"} and all(a["fits"] for a in s.values())
+    assert set(s) == {*ROWS, "prompt-groups", "prompt-pass"} and all(a["fits"] for a in s.values())
+    groups, passing = s["prompt-groups"], s["prompt-pass"]
+    assert (groups["passes"], groups["groups"], passing["passes"], passing["groups"]) == (0, 4, 4, 0)
+    assert 0 < passing["experts_read"] <= groups["experts_read"] and passing["ms_prompt"] > 0
+    assert "| prompt-pass |" in report(r)
     assert s["naive"]["experts_read_per_token"] == 4 * 16  # every expert of every MoE layer
     assert s["pagecache"]["experts_read_per_token"] == 4 * 2  # every routed expert
     assert s["flash"]["experts_read_per_token"] < 4 * 2 and 0 < s["flash"]["hit_rate"] < 1

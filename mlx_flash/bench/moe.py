@@ -5,6 +5,7 @@ experts + lookahead, each run in its own memory cgroup whose limit is the budget
         [--skew 1.5] [--hit 0.85] [--tokens 6] [--settle 12] [--repeats 3]
         [--rows naive,pagecache,flash,flash+lookahead] [--no-cgroup] [--json out.json]
         [--dir models/synthetic-moe-qwen3-30b-a3b-L8]
+    python -m mlx_flash.bench.moe --rows prompt-groups,prompt-pass --prompt-tokens 128   (a prompt's two ways)
 
 Synthetic, and only that: the weights (random 4-bit, group 64, float16 scales) and the routing. The
 folder is what `convert` writes for a mixture of experts (flash.json, resident.safetensors, experts.bundles
@@ -38,6 +39,11 @@ budget + baseline + 64 MiB of slack, the kernel deciding what stays cached; `fit
 Columns as the same-budget table: ms per token (median over every timed token of every repetition),
 I/O, exposed I/O, memory management, compute (the rest: MLX and Python), experts read per token, hit
 rate, read GB/s against the in-run probe (random direct reads of one extent, 8 and 32 threads), peak.
+
+Prompt rows (not run by default): flash mode at the same budget, cold slots, one prompt of
+`--prompt-tokens` tokens in one chunk, its time to the first logits: `prompt-groups` in groups of tokens
+whose experts fit the slots (--prompt-mode window), `prompt-pass` as one pass over each layer's experts
+(--prompt-mode pass, flash/expert_prompt.py); experts and MB read, I/O and its exposed part, disk bytes.
 """
 
 import argparse
@@ -67,6 +73,7 @@ from ..system import MappedBundles, direct_read_method, disk_read_bytes, drop_ca
 
 ROWS = ("naive", "pagecache", "flash", "flash+lookahead")
 FLASH_ROWS = ("flash", "flash+lookahead")
+PROMPT_ROWS = {"prompt-groups": "window", "prompt-pass": "pass"}  # row -> flash mode's --prompt-mode
 THREADS = 32
 SLACK = 64 << 20  # cgroup limit beyond budget + baseline: Python objects and thread stacks, which no plan counts
 CONTEXT = 64  # tokens of KV cache every row reserves
@@ -97,7 +104,7 @@ GEOMETRIES = {
 }
 QUANT = {"group_size": 64, "bits": 4}
 DEFAULTS = {"layers": 8, "share": 0.3, "reuse": 0.4, "recent": 0.8, "skew": 1.5, "hit": 0.85, "tokens": 6, "settle": 12,
-            "repeats": 3}
+            "repeats": 3, "prompt_tokens": 128}
 
 
 def synthetic_config(geometry: str, layers: int) -> dict:
@@ -353,7 +360,12 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
     moe = architecture(store.model_config).moe
     total = model_bytes(folder, store)
     mapped = None
-    if row in FLASH_ROWS or row == "pagecache":
+    if row in PROMPT_ROWS:
+        model, _ = load_experts(folder, "flash", dram_budget=budget, threads=THREADS, verify=False,
+                                max_kv_size=args.prompt_tokens + CONTEXT, prefill_step=args.prompt_tokens,
+                                prompt_mode=PROMPT_ROWS[row])
+        plan, stats, blocks = model.flash_plan.to_dict(), model.flash_stats, moe_blocks(model)
+    elif row in FLASH_ROWS or row == "pagecache":
         opts = dict(dram_budget=budget, threads=THREADS, verify=False, max_kv_size=CONTEXT,
                     prefill_step=PROMPT_TOKENS, prefetch=row == "flash+lookahead")
         if row == "pagecache":  # a token's experts in top-k slots, the rest of the budget left to the kernel
@@ -389,6 +401,8 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
                                                                  args.hit, seed)
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
+    if row in PROMPT_ROWS:
+        return prompt_row(row, model, cache, stats, plan, store, args, cg, base, routing, seed)
     ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], PROMPT_TOKENS + 1)
     mx.eval(model(mx.array(ids[:PROMPT_TOKENS])[None], cache=cache))
     token = mx.array([[int(ids[-1])]])
@@ -415,6 +429,21 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
     return {"row": row, "ms_tokens": times, "stats": snap, "plan": plan, "disk_bytes_per_token": disk / args.tokens,
             "peak_mlx_bytes": mx.get_peak_memory(), "peak_cgroup_bytes": None if cg is None else peak_cg - base,
             "cgroup_failcnt": _cgroup_value(cg, "memory.failcnt"), "routing": routing.summary()}
+
+
+def prompt_row(row: str, model, cache, stats, plan: dict, store: ExpertStore, args, cg, base, routing, seed) -> dict:
+    """A prompt row's one measurement: a prompt of --prompt-tokens from cold slots, to its first logits."""
+    ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], args.prompt_tokens)
+    disk0, t0 = disk_read_bytes(), time.perf_counter()
+    mx.eval(model(mx.array(ids)[None], cache=cache))
+    ms = 1000 * (time.perf_counter() - t0)
+    disk = disk_read_bytes() - disk0
+    snap = stats.snapshot()
+    model.flash_reader.close()
+    peak_cg = _cgroup_value(cg, "memory.max_usage_in_bytes")
+    return {"row": row, "ms_prompt": ms, "stats": snap, "plan": plan, "disk_bytes": disk,
+            "peak_mlx_bytes": mx.get_peak_memory(), "peak_cgroup_bytes": None if cg is None else peak_cg - base,
+            "routing": routing.summary()}
 
 
 # MARK: - the parent: the synthetic model, the probe, the rows in their cgroups
@@ -470,7 +499,8 @@ def spawn_row(row: str, args, folder: Path, budget: int, seed: int, cgroup: bool
     out = Path(tempfile.mkdtemp(prefix="mlx-flash-moe-")) / "row.json"
     argv = [str(cg) if cg else "-", "--child-row", row, "--geometry", args.geometry, "--dir", str(folder),
             "--child-budget", str(budget), "--seed", str(seed), "--json", str(out)]
-    argv += [f"--{k}={getattr(args, k)}" for k in ("reuse", "recent", "skew", "hit", "tokens", "settle")]
+    argv += [f"--{k.replace('_', '-')}={getattr(args, k)}"
+             for k in ("reuse", "recent", "skew", "hit", "tokens", "settle", "prompt_tokens")]
     try:
         env = {**os.environ, "MALLOC_ARENA_MAX": "2"}  # no 64 MB malloc arena per read thread
         p = subprocess.run([sys.executable, "-c", _CHILD, *argv], env=env, capture_output=True, text=True)
@@ -487,6 +517,28 @@ def spawn_row(row: str, args, folder: Path, budget: int, seed: int, cgroup: bool
                 cg.rmdir()
             except OSError:
                 pass
+
+
+def summarize_prompt(runs: List[dict], budget: int, slack: int) -> dict:
+    """A prompt row's medians over its repetitions."""
+    ok = [r for r in runs if "ms_prompt" in r]
+    if not ok:
+        return {"fits": False, "reason": runs[0].get("reason", "failed")}
+    med = lambda f: float(np.median([f(r) for r in ok]))
+    s = {"ms_prompt": med(lambda r: r["ms_prompt"]), "ms_prompt_runs": [r["ms_prompt"] for r in ok],
+         "experts_read": med(lambda r: r["stats"]["prompt_experts_read"]),
+         "mb_read": med(lambda r: r["stats"]["prompt_bytes_read"]) / 1e6,
+         "disk_mb": med(lambda r: r["disk_bytes"]) / 1e6, "ms_io": med(lambda r: r["stats"]["prompt_ms_io"]),
+         "ms_io_exposed": med(lambda r: r["stats"]["prompt_ms_io_exposed"]),
+         "passes": ok[0]["stats"]["prompt_passes"], "groups": ok[0]["stats"]["prompt_groups"],
+         "slots": ok[0]["plan"]["slots"], "planned_bytes": ok[0]["plan"]["total"],
+         "peak_mlx_bytes": max(r["peak_mlx_bytes"] for r in ok),
+         "peak_cgroup_bytes": None if ok[0]["peak_cgroup_bytes"] is None else max(r["peak_cgroup_bytes"] for r in ok),
+         "repeats": len(ok), "routing": ok[0]["routing"]}
+    peak = s["peak_cgroup_bytes"] if s["peak_cgroup_bytes"] is not None else s["peak_mlx_bytes"]
+    s["fits"] = len(ok) == len(runs) and s["planned_bytes"] <= budget and \
+        peak <= budget + (slack if s["peak_cgroup_bytes"] is not None else 0)
+    return s
 
 
 def summarize(runs: List[dict], budget: int, slack: int) -> dict:
@@ -539,10 +591,11 @@ def measure(args) -> dict:
             if not args.quiet:
                 print(f"{row}, repetition {rep + 1} of {args.repeats} ...", file=sys.stderr)
             runs[row].append(spawn_row(row, args, folder, budget, args.seed + rep, args.cgroup))
-    summary = {row: summarize(r, budget, SLACK) for row, r in runs.items()}
+    summary = {row: (summarize_prompt if row in PROMPT_ROWS else summarize)(r, budget, SLACK)
+               for row, r in runs.items()}
     naive = summary.get("naive")
     for s in summary.values():
-        if naive and naive.get("fits") and s.get("fits"):
+        if naive and naive.get("fits") and s.get("fits") and "ms_total" in s:
             s["speedup_vs_naive"] = naive["ms_total"] / s["ms_total"]
     return {"geometry": args.geometry, "layers": store.model_config["num_hidden_layers"], "folder": str(folder),
             "model_bytes": total, "budget": budget, "share": args.share, "experts": store.num_experts,
@@ -550,6 +603,7 @@ def measure(args) -> dict:
             "reuse": args.reuse, "recent": args.recent, "skew": args.skew, "hit": args.hit,
             "lru_40_hit_rate": lru_hit_rate(args, store),
             "cgroup": args.cgroup, "tokens": args.tokens, "settle": args.settle, "repeats": args.repeats,
+            "prompt_tokens": args.prompt_tokens,
             "summary": summary, "runs": runs}
 
 
@@ -575,8 +629,10 @@ def report(out: dict) -> str:
     head = ["row (synthetic)", "ms/token", "vs naive", "I/O ms", "exposed I/O ms", "memory ms", "compute ms",
             "experts read/token", "hit rate", "MB read/token", "disk MB/token", "read GB/s", "prefetch hit",
             "wasted MB/token", "planned GB", "peak GB", "fits"]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row, s in out["summary"].items():
+    decode = {row: s for row, s in out["summary"].items() if row not in PROMPT_ROWS}
+    if decode:
+        lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for row, s in decode.items():
         if "ms_total" not in s:
             lines.append(f"| {row} | does not fit: {s['reason']} |")
             continue
@@ -591,6 +647,21 @@ def report(out: dict) -> str:
                  f"{s['prefetch_wasted_mb_per_token']:.1f}" if row == "flash+lookahead" else "-",
                  gb(s["planned_bytes"]), gb(peak), "yes" if s["fits"] else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
+    prompts = {row: s for row, s in out["summary"].items() if row in PROMPT_ROWS}
+    if prompts:
+        head = ["prompt row (synthetic)", f"ms for {out.get('prompt_tokens')} tokens", "experts read", "MB read",
+                "I/O ms", "exposed I/O ms", "disk MB", "layers as pass / groups", "slots", "planned GB", "peak GB",
+                "fits"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for row, s in prompts.items():
+            if "ms_prompt" not in s:
+                lines.append(f"| {row} | does not fit: {s['reason']} |")
+                continue
+            peak = s["peak_cgroup_bytes"] if s["peak_cgroup_bytes"] is not None else s["peak_mlx_bytes"]
+            cells = [row, f"{s['ms_prompt']:.0f}", f"{s['experts_read']:.0f}", f"{s['mb_read']:.1f}", f"{s['ms_io']:.0f}",
+                     f"{s['ms_io_exposed']:.0f}", f"{s['disk_mb']:.1f}", f"{s['passes']} / {s['groups']}",
+                     str(s["slots"]), gb(s["planned_bytes"]), gb(peak), "yes" if s["fits"] else "NO"]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"beside: {FLASH_MOE} (their machine, not this one)"]
     return "\n".join(lines)
 
@@ -611,7 +682,9 @@ def setup_arg_parser():
     p.add_argument("--tokens", type=int, default=DEFAULTS["tokens"], help="timed decode tokens per repetition")
     p.add_argument("--settle", type=int, default=DEFAULTS["settle"], help="untimed tokens first (slots fill)")
     p.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS + tuple(PROMPT_ROWS))}")
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULTS["prompt_tokens"],
+                   help="the prompt rows' prompt length")
     p.add_argument("--cgroup", action=argparse.BooleanOptionalAction, default=True,
                    help="each row in its own memory cgroup (root, cgroup v1)")
     p.add_argument("--dir", default=None, help="the synthetic model's folder (written once)")
@@ -632,9 +705,12 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(res))
         return
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in args.rows if r not in ROWS]
+    bad = [r for r in args.rows if r not in ROWS and r not in PROMPT_ROWS]
     if bad or not args.rows:
-        raise FlashError(f"--rows: unknown row {bad[0] if bad else ''!r} (choose from {', '.join(ROWS)})")
+        raise FlashError(f"--rows: unknown row {bad[0] if bad else ''!r} (choose from "
+                         f"{', '.join(ROWS + tuple(PROMPT_ROWS))})")
+    if args.prompt_tokens < 2:
+        raise FlashError("--prompt-tokens must be at least 2")
     if not 0 <= args.reuse <= args.recent <= 1 or not 0 <= args.hit <= 1:
         raise FlashError("--reuse, --recent and --hit must be shares, with --reuse <= --recent")
     if args.layers < 2 or args.tokens < 1 or args.repeats < 1 or args.settle < 0:

@@ -56,6 +56,7 @@ class ExpertStats:
     prompt_experts_read: int = 0
     prompt_bytes_read: int = 0
     prompt_io_s: float = 0.0
+    prompt_io_exposed_s: float = 0.0  # the part of prompt_io_s the prompt waited for
     prompt_passes: int = 0  # MoE layers that ran a prompt as one pass over its experts
     prompt_groups: int = 0  # MoE layers that ran a prompt in groups
     prefetched: int = 0  # extents read ahead by the lookahead, decode
@@ -98,6 +99,7 @@ class ExpertStats:
             "prompt_bytes_read": self.prompt_bytes_read,
             "prompt_experts_read": self.prompt_experts_read,
             "prompt_ms_io": 1000.0 * self.prompt_io_s,
+            "prompt_ms_io_exposed": 1000.0 * self.prompt_io_exposed_s,
             "prompt_passes": self.prompt_passes,
             "prompt_groups": self.prompt_groups,
             "prefetched_per_token": self.prefetched / t,
@@ -174,6 +176,7 @@ class FlashExperts(nn.Module):
                 s.prompt_passes += 1
                 y, cost = self.passing.run(self.layer, xs, ids, self.cache, self.glu)
                 s.add_read(cost.read, False)
+                s.prompt_io_exposed_s += cost.io_exposed_s
                 self._last = y
                 return y.reshape(*indices.shape, x.shape[-1])
             s.prompt_groups += 1
@@ -192,6 +195,7 @@ class FlashExperts(nn.Module):
                 s.compute_s += time.perf_counter() - t2 if decode else 0.0
             outs.append(y)
             s.add_read(step.read, decode)
+            s.prompt_io_exposed_s += 0.0 if decode else step.io_s
             if decode:
                 after = self.cache.stats
                 s.needed += after.needed - before.needed
