@@ -154,16 +154,24 @@ def test_prompt_pass_reads_each_expert_once(moe, arch):
 
 
 def test_prompt_mode_auto_takes_the_fewer_reads(moe):
-    """auto: a prompt whose experts outnumber the slots runs as a pass (fewer reads than groups that read
-    evicted experts again); with a slot for every expert, as one group; the logits are the same."""
-    _, folder = moe("mixtral")
+    """A prompt in two chunks (the second finds experts in the slots, computed there): every mode gives
+    mlx-lm's logits. auto: where the experts outnumber the slots, a pass (fewer reads than groups, which
+    read evicted experts again); with a slot for every expert, groups (one each)."""
+    src, folder = moe("mixtral")
     ids = mx.array(np.random.default_rng(1).integers(3, 500, 32).tolist())[None]
+
+    def two_chunks(model):
+        cache = make_prompt_cache(model)
+        return np.concatenate([np.array(model(ids[:, :16], cache=cache)[0]), np.array(model(ids[:, 16:], cache=cache)[0])])
+
+    ref = two_chunks(reference_model(src))
     few, _ = load_flash(folder, "flash", slots=TOP_K)
     window, _ = load_flash(folder, "flash", slots=TOP_K, prompt_mode="window")
+    passing, _ = load_flash(folder, "flash", slots=SLOTS, prompt_mode="pass")
     every, _ = load_flash(folder, "flash", slots=EXPERTS)
-    a, b, c = (np.array(m(ids)[0]) for m in (few, window, every))
-    assert relative(a, c) <= TOL and relative(b, c) <= TOL
-    assert few.flash_stats.prompt_passes == 2 and every.flash_stats.prompt_groups == 2
+    for m in (few, window, passing, every):
+        assert relative(two_chunks(m), ref) <= TOL
+    assert few.flash_stats.prompt_passes == 4 and every.flash_stats.prompt_groups == 4
     assert few.flash_stats.prompt_experts_read < window.flash_stats.prompt_experts_read
 
 
