@@ -145,7 +145,7 @@ def test_prompt_pass_reads_each_expert_once(moe, arch):
     ours = teacher_logits(model, [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]])
     assert relative(ours, ref) <= TOL
     s = model.flash_stats
-    assert s.prompt_passes == len(store.moe_layers) and s.prompt_groups == 0
+    assert s.prompt_passes == len(store.moe_layers) and s.prompt_groups == 0 and s.prompt_mode() == "pass"
     assert sorted(reads) == store.moe_layers and all(np.all(np.diff(e) > 0) for e in reads.values())  # once, sorted
     n = sum(len(e) for e in reads.values())
     assert s.prompt_experts_read == n > len(store.moe_layers) * SLOTS

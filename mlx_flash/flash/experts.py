@@ -78,6 +78,13 @@ class ExpertStats:
             if f.name not in ("moe_layers", "experts", "expert_bytes"):
                 setattr(self, f.name, f.default)
 
+    def prompt_mode(self):
+        """How the prompts ran: "pass", "window steps" (groups), both with the share, or None."""
+        n = self.prompt_passes + self.prompt_groups
+        if not n or not self.prompt_groups:
+            return "pass" if n else None
+        return "window steps" if not self.prompt_passes else f"pass in {self.prompt_passes} of {n} MoE layer runs"
+
     def snapshot(self) -> dict:
         t = max(self.decode_tokens, 1)
         ms = lambda s: 1000.0 * s / t
@@ -102,6 +109,7 @@ class ExpertStats:
             "prompt_ms_io_exposed": 1000.0 * self.prompt_io_exposed_s,
             "prompt_passes": self.prompt_passes,
             "prompt_groups": self.prompt_groups,
+            "prompt_mode": self.prompt_mode(),  # the stats line's "prompt as ..."
             "prefetched_per_token": self.prefetched / t,
             "prefetch_hit_rate": self.prefetch_hits / (self.needed - self.hits)
             if self.prefetched and self.needed > self.hits else None,
