@@ -16,11 +16,13 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from .conversation import Conversation
 from .errors import FlashError, cli
 from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP
+from .flash.prefill import prefill, use_numpy
 from .flash.prompt import MODES as PROMPT_MODES
 from .load import MODES, load
 from .prepare import model_for
@@ -31,6 +33,7 @@ DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
+PREFILL_STEP = 512  # dense mode's prompt tokens per forward pass (flash mode's come from its plan)
 
 
 @dataclass
@@ -109,7 +112,7 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
         stats.reset()
     options = {}
     plan = getattr(model, "flash_plan", None)
-    if isinstance(prompt, str) and (plan is not None or conversation is not None):  # as stream_generate would
+    if isinstance(prompt, str):  # as stream_generate would
         bos = getattr(tokenizer, "bos_token", None)
         prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
     if plan is not None:
@@ -122,6 +125,11 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
     stops = StopFilter(stop or [])
     generated, ttft = [], None
     try:
+        if use_numpy(len(prompt) - 1):
+            # all but the last token with numpy's matmuls (flash.prefill); the last one in mlx-lm's loop
+            cache = options.get("prompt_cache") or make_prompt_cache(model)
+            prefill(model, cache, list(prompt[:-1]), plan.prefill_step if plan is not None else PREFILL_STEP)
+            options["prompt_cache"], prompt = cache, prompt[-1:]
         for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, **options):
             generated.append(r.token)
             ttft = ttft or time.perf_counter() - t0
@@ -129,7 +137,8 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
             finish = "stop" if hit else r.finish_reason
             if finish and not hit:
                 text += stops.flush()
-            yield Response(text, r.token, held + r.prompt_tokens, r.prompt_tps, r.generation_tokens,
+            computed = len(ids) - held  # the prompt's tokens this request ran through the model
+            yield Response(text, r.token, len(ids), computed / ttft, r.generation_tokens,
                            r.generation_tps, r.peak_memory, finish, flash_snapshot(model), held, ttft)
             if hit:
                 break

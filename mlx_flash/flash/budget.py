@@ -101,7 +101,18 @@ def working_bytes(cfg: FlashConfig, transient: int = 0, chunk: int = DEFAULT_PRE
     logits = 2 * c["vocab_size"] * 4
     activations = chunk * (8 * cfg.d_model + 5 * cfg.d_ff) * item
     scores = 2 * heads * chunk * context * 4  # scores and their softmax, float32
-    return logits + activations + scores + transient
+    return logits + activations + scores + transient + numpy_prompt_bytes(cfg, chunk)
+
+
+def numpy_prompt_bytes(cfg: FlashConfig, chunk: int) -> int:
+    """On MLX's CPU backend a prompt's matmuls go to numpy (flash.prefill): one resident matrix at a
+    time in float32 (a fused QKV at most), or a slice's neuron rows dequantized a block at a time, with
+    the chunk's float32 inputs, outputs and hidden units."""
+    if not numpy_is_faster():
+        return 0
+    rows = min(staging_rows(cfg) // 2 or 1, float_block(cfg.d_model, cfg.d_ff))
+    weights = max(3 * 4 * cfg.d_model ** 2, 3 * 4 * cfg.d_model * rows)
+    return weights + chunk * (2 * cfg.d_model + 2 * rows) * 4
 
 
 def predictor_level(p: dict, recall: Optional[float]) -> dict:

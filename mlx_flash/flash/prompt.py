@@ -11,7 +11,9 @@ all the prompt's tokens makes the prompt exactly dense. Per layer:
   sequential reads) while slice i computes; the layer's output is the sum over slices of the
   FFN on their rows (plus the down bias once);
 - the window is refilled with the neurons predicted for the prompt's last `window` tokens,
-  copied from the slices as they pass (no second read), so decoding starts warm.
+  copied from the slices as they pass (no second read), so decoding starts warm;
+- on MLX's CPU backend the slices multiply in numpy, dequantized a block of rows at a time
+  (flash.prefill says why).
 
 `choose` decides per layer and prompt from the predicted bytes: window steps' new neurons
 against one pass over the layer.
@@ -25,8 +27,10 @@ import mlx.core as mx
 import numpy as np
 
 from ..format import field_arrays
-from ..models.ffn import bundle_ffn
+from ..models.ffn import BundleFFN, bundle_ffn
 from .bundle_reader import ReadStats
+from .prefill import use_numpy
+from .sparsity import ffn_numpy
 
 MODES = ("auto", "pass", "window")  # auto: per prompt from the predicted bytes
 
@@ -85,6 +89,10 @@ class PromptPass:
         fetch = lambda i: self._pool.submit(self.reader.read, layer,
                                             np.arange(starts[i], min(starts[i] + rows, d_ff)), self.halves[i % nh])
         y, compute = None, 0.0
+        numpy = use_numpy(xs.shape[0])  # on MLX's CPU backend the slices multiply in numpy (flash.prefill)
+        if numpy:
+            xn = np.asarray(xs.astype(mx.float32))  # (N, d_model)
+            yn = np.zeros_like(xn)
         try:
             pending = fetch(0)
             for i, lo in enumerate(starts):
@@ -97,9 +105,15 @@ class PromptPass:
                 if i + 1 < len(starts) and nh > 1:
                     pending = fetch(i + 1)  # into the other half, while this one computes
                 t2 = time.perf_counter()
-                part = bundle_ffn(xs, spec, field_arrays(self.mx_halves[i % nh][: hi - lo], layout), None, quant)
-                y = part if y is None else y + part
-                mx.eval(y)  # this half is read into next: what was built on it must be done
+                fields = field_arrays(self.mx_halves[i % nh][: hi - lo], layout)
+                if numpy:
+                    if y is None:  # the dtype MLX's FFN would return
+                        y = bundle_ffn(xs[:1], spec, fields, None, quant)
+                    yn += ffn_numpy(BundleFFN(spec, fields, None, quant), xn, None, len(xn), down_bias=False)
+                else:
+                    part = bundle_ffn(xs, spec, fields, None, quant)
+                    y = part if y is None else y + part
+                    mx.eval(y)  # this half is read into next: what was built on it must be done
                 t3 = time.perf_counter()
                 compute += t3 - t2
                 here = (new >= lo) & (new < hi)
@@ -112,6 +126,8 @@ class PromptPass:
             cache.abort()  # nothing half-copied enters the window
             raise
         cache.commit()
+        if numpy:
+            y = mx.array(yn).astype(y.dtype)
         if down_bias is not None:
             y = y + down_bias
         return y, PassStats(read, io, exposed, memory, compute, cache.n)

@@ -159,7 +159,7 @@ class _Recorder(nn.Module):
         hs = np.empty((len(xs), ffn.spec.d_ff), dtype=np.float16)
         if run.numpy and hasattr(ffn, "float_rows"):
             dtype = ffn.down(ffn.activations(flat[:1])).dtype  # what MLX's FFN would return
-            y = _ffn_numpy(ffn, np.asarray(flat.astype(mx.float32)), hs, run.chunk)  # (N, d_model) float32
+            y = ffn_numpy(ffn, np.asarray(flat.astype(mx.float32)), hs, run.chunk)  # (N, d_model) float32
             norms = np.linalg.norm(y, axis=-1)
             ys = [None if run.last(l) else mx.array(y).astype(dtype)]
             del y
@@ -208,9 +208,10 @@ def _hidden_numpy(spec, g: Optional[np.ndarray], u: np.ndarray) -> np.ndarray:
     return h
 
 
-def _ffn_numpy(ffn, x: np.ndarray, hs: np.ndarray, chunk: int) -> np.ndarray:
+def ffn_numpy(ffn, x: np.ndarray, hs: Optional[np.ndarray], chunk: int, down_bias: bool = True) -> np.ndarray:
     """The FFN of (N, d_model) float32 inputs in numpy, neuron rows dequantized a block at a time and
-    tokens `chunk` at a time; fills hs, (N, d_ff) float16, with |h|; returns (N, d_model) float32."""
+    tokens `chunk` at a time; fills hs, (N, d_ff) float16, with |h| (when given); returns (N, d_model)
+    float32, with the down bias unless down_bias is False (flash.prompt adds it once over slices)."""
     spec = ffn.spec
     y = np.zeros((len(x), spec.d_model), dtype=np.float32)
     block = float_block(spec.d_model, spec.d_ff)
@@ -228,14 +229,15 @@ def _ffn_numpy(ffn, x: np.ndarray, hs: np.ndarray, chunk: int) -> np.ndarray:
                 if g is not None:
                     g += bias[:, 0]
             h = _hidden_numpy(spec, g, u)  # (c, n) float32
-            hs[i : i + len(h), rows] = np.abs(h, out=u)
+            if hs is not None:
+                hs[i : i + len(h), rows] = np.abs(h, out=u)
             y[i : i + len(h)] += h @ down
-    if ffn.down_bias is not None:
+    if down_bias and ffn.down_bias is not None:
         y += np.asarray(ffn.down_bias.astype(mx.float32))
     return y
 
 
-class _NumpyLinear(nn.Module):
+class NumpyLinear(nn.Module):
     """Stands in for a Linear, an (affine) QuantizedLinear or an InOutLinear of the resident part during
     a numpy pass: its weight dequantized at float32 for the call (one matrix at a time), numpy multiplies."""
 
@@ -259,15 +261,17 @@ class _NumpyLinear(nn.Module):
         return mx.array(y).reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
 
 
-def _swap_linears(module: nn.Module, swapped: list):
-    """Put a _NumpyLinear in place of every Linear, affine QuantizedLinear and InOutLinear under `module`,
+def swap_linears(module: nn.Module, swapped: list):
+    """Put a NumpyLinear in place of every Linear, affine QuantizedLinear and InOutLinear under `module`,
     appending (parent, key, original) to `swapped` to put them back."""
 
     def visit(parent, key, child):
+        if isinstance(child, NumpyLinear):  # reached again through another module (FlashFFN.next)
+            return
         if isinstance(child, (nn.Linear, InOutLinear)) or (isinstance(child, nn.QuantizedLinear)
                                                            and getattr(child, "mode", "affine") == "affine"):
             swapped.append((parent, key, child))
-            parent[key] = _NumpyLinear(child)
+            parent[key] = NumpyLinear(child)
         elif isinstance(child, dict):  # modules too
             for k, v in list(child.items()):
                 visit(child, k, v)
@@ -310,7 +314,7 @@ def record_layers(model, windows: np.ndarray, ffn_for: Callable[[int], nn.Module
     swapped = []  # the attention's linears, computed by numpy
     try:
         for layer in layers if run.numpy else []:
-            _swap_linears(layer, swapped)
+            swap_linears(layer, swapped)
         model(mx.array(windows))
     except _LastLayerDone:
         pass
