@@ -23,7 +23,7 @@ LAYERS = [
     {"mlx_flash.flash", "mlx_flash.flash.sparsity", "mlx_flash.flash.predictor", "mlx_flash.flash.neuron_cache",
      "mlx_flash.flash.bundle_reader", "mlx_flash.flash.budget", "mlx_flash.flash.ffn", "mlx_flash.flash.attach",
      "mlx_flash.flash.prefetch", "mlx_flash.flash.outliers", "mlx_flash.flash.expert_cache",
-     "mlx_flash.flash.experts", "mlx_flash.flash.expert_attach", "mlx_flash.flash.prompt",
+     "mlx_flash.flash.experts", "mlx_flash.flash.expert_attach", "mlx_flash.flash.prompt", "mlx_flash.flash.prefill",
      "mlx_flash.flash.expert_prompt"},
     {"mlx_flash.load", "mlx_flash.conversation"},
     {"mlx_flash.baselines"},
