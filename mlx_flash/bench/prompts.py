@@ -15,8 +15,9 @@ the same budget and the same prompt chunk (the one flash's plan chooses for this
 | window | FlashFFN, prompt_mode "window"       | window steps: each group's new neurons, random reads  |
 | pass   | FlashFFN, prompt_mode "pass"         | every bundle once per chunk, sequential slices        |
 
-Time to first token: the prompt through the model in chunks until the last token's logits are
-computed, from a fresh KV cache, pages of ffn.bundles dropped first. The floor: one sequential read of
+Time to first token: as generate runs a prompt (flash.prefill: all but the last token in chunks,
+their matmuls in numpy on MLX's CPU backend, then the last token's logits), from a fresh KV cache,
+pages of ffn.bundles dropped first. The floor: one sequential read of
 every layer's FFN at the rate the in-run probe measures at the pass's read size and threads, plus the
 prompt's compute (the dense row).
 """
@@ -32,6 +33,7 @@ import numpy as np
 
 from ..errors import FlashError
 from ..flash.bundle_reader import MAX_CHUNK
+from ..flash.prefill import prefill
 from ..format import BUNDLES_FILE, FlashConfig
 from ..sizes import parse_budget
 from ..system import direct_read_method, disk_read_bytes, drop_cache
@@ -64,11 +66,10 @@ def time_to_first_token(s, row: str, budget: int, length: int, chunk: int) -> di
         mx.reset_peak_memory()
         disk0 = disk_read_bytes()
         cache = make_prompt_cache(s.model)
-        ids = s.ids[:length]
+        ids = [int(i) for i in s.ids[:length]]
         t0 = time.perf_counter()
-        for i in range(0, length, chunk):
-            logits = s.model(mx.array(ids[i : i + chunk])[None], cache=cache)
-        mx.eval(logits[0, -1])
+        prefill(s.model, cache, ids[:-1], chunk)  # as generate does: all but the last token, logits not computed
+        mx.eval(s.model(mx.array(ids[-1:])[None], cache=cache)[0, -1])
         ttft = time.perf_counter() - t0
         snap = r.stats.snapshot()
         out = {"row": row, "fits": True, "length": length, "chunk": chunk, "ttft_s": ttft,
