@@ -215,8 +215,10 @@ def ffn_numpy(ffn, x: np.ndarray, hs: Optional[np.ndarray], chunk: int, down_bia
     spec = ffn.spec
     y = np.zeros((len(x), spec.d_model), dtype=np.float32)
     block = float_block(spec.d_model, spec.d_ff)
-    for j in range(0, spec.d_ff, block):
-        rows = slice(j, min(j + block, spec.d_ff))
+    up = ffn.fields["up"]
+    n = (up[0] if isinstance(up, tuple) else up).shape[0]  # d_ff, or a slice's rows (flash.prompt)
+    for j in range(0, n, block):
+        rows = slice(j, min(j + block, n))
         up, down = np.asarray(ffn.float_rows("up", rows)), np.asarray(ffn.float_rows("down", rows))  # (n, D)
         gate = np.asarray(ffn.float_rows("gate", rows)) if spec.glu else None
         bias = np.asarray(ffn.float_rows("bias", rows)) if spec.bias else None  # (n, 2) or (n, 1)
