@@ -152,15 +152,16 @@ def summarize(res: dict, lengths: List[int]) -> Dict[str, dict]:
                   "disk_bytes": med("disk_bytes"), "peak_mlx_bytes": med("peak_mlx_bytes"),
                   "mode": ok[0].get("mode"), "passes": ok[0].get("passes"), "steps": ok[0].get("steps")}
     for length in lengths:
-        # the prompt's compute: the dense row's time, else what the pass spent computing (the same FLOPs)
+        # the prompt's compute: what the pass spent computing (dense's FLOPs, on the same engine), else
+        # the dense row's time (its FFN multiplies in MLX: slower on a CPU)
         dense, full = out.get(f"dense@{length}"), out.get(f"pass@{length}")
-        compute = dense["ttft_s"] if dense and dense["fits"] else full["compute_s"] if full and full["fits"] else None
+        compute = full["compute_s"] if full and full["fits"] else dense["ttft_s"] if dense and dense["fits"] else None
         if compute is None:
             continue
         chunks = -(-length // res["chunks"][length])
         out[f"floor@{length}"] = {"fits": True, "ttft_s": read_s * chunks + compute, "read_s": read_s * chunks,
                                   "compute_s": compute, "chunks": chunks,
-                                  "compute_from": "dense" if dense and dense["fits"] else "pass"}
+                                  "compute_from": "pass" if full and full["fits"] else "dense"}
     return out
 
 
