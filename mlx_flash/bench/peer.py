@@ -1,7 +1,7 @@
 """Peer mode: llama.cpp beside our rows, in a memory cgroup of the same total limit, on the same weights.
 
     python -m mlx_flash.bench --peer [--models smollm2-135m,llama-1b-L4] [--limits min,0.5,0.75,1,1.5,2,3]
-        [--prompt-tokens 32] [--gen-tokens 16] [--repeats 2] [--json out.json] [--plots DIR] [--report out.json]
+        [--prompt-tokens 32] [--gen-tokens 32] [--repeats 3] [--json out.json] [--plots DIR] [--report out.json]
 
 A user with a model bigger than memory would otherwise run llama.cpp, which mmaps the GGUF and
 lets the page cache decide. `make peer` builds its `llama-bench` (bench.peer_build); without it
@@ -51,7 +51,7 @@ from .peer_build import binary, peer_dir
 
 DEFAULT_MODELS = "smollm2-135m,llama-1b-L4"
 DEFAULT_LIMITS = "min,0.5,0.75,1,1.5,2,3"
-DEFAULTS = {"prompt_tokens": 32, "gen_tokens": 16, "repeats": 2}
+DEFAULTS = {"prompt_tokens": 32, "gen_tokens": 32, "repeats": 3}
 QUICK = {"prompt_tokens": 8, "gen_tokens": 4, "repeats": 1}
 OUR_ROWS = {"dense": "dense (MLX, no limit)", "naive": "naive mmap (MLX)", "windowing": "flash (MLX)"}
 PEER_LABEL = "llama.cpp (mmap)"
