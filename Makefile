@@ -27,7 +27,7 @@ test-swift: $(STAMP)
 		swift build && MLX_FLASH_PYTHON=$(CURDIR)/$(PY) MLX_FLASH_REQUIRE_LIVE=1 swift test --disable-swift-testing; \
 	else echo "swift not found: Swift tests not run"; fi
 
-# Optional: llama.cpp built from source, the benchmark's peer rows (~6 minutes on 2 cores; not part of `test`).
+# Optional: llama.cpp built from source, the benchmark's peer rows (~5 minutes on 2 cores; not part of `test`).
 peer: $(STAMP)
 	$(PY) -m mlx_flash.bench.peer_build
 

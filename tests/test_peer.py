@@ -49,6 +49,10 @@ def test_limits_and_the_budget_they_leave():
     budget = peer.budget_for(limit, baseline, slack)
     assert budget + baseline + slack == limit and budget == 200_000_000 - 102_500_000 - 8_388_608
     assert peer.budget_for(limits["0.5x"], baseline, slack) <= 0  # the interpreter alone is over the limit
+    # a row's smallest limit (--limits min) leaves at least its plan's budget, with the margin, in whole MiB
+    low = peer.limit_for(138_600_000, baseline, slack)
+    assert low % (1 << 20) == 0 and peer.budget_for(low, baseline, slack) - peer.MIN_MARGIN >= 138_600_000
+    assert peer.budget_for(low - (1 << 20), baseline, slack) - peer.MIN_MARGIN < 138_600_000
     for bad in ("0", "-1", "lots", ""):
         with pytest.raises(FlashError, match="--limits"):
             peer.parse_limits(bad, size)

