@@ -161,7 +161,8 @@ def resolve_model(name: str) -> dict:
         return {"name": name, "gguf": builtin_path(name), "folder": prepare(name), "synthetic": False}
     if name in GEOMETRIES:
         gguf_path = default_folder(f"peer-{name}").with_suffix(".gguf")
-        print(f"== writing the synthetic {name} GGUF to {gguf_path} (once)", file=sys.stderr)
+        if not gguf_path.exists():
+            print(f"== writing the synthetic {name} GGUF to {gguf_path} (once)", file=sys.stderr)
         write_synthetic_gguf(gguf_path, name)
         return {"name": name, "gguf": gguf_path, "folder": prepare(str(gguf_path)), "synthetic": True}
     path = Path(name).expanduser()
