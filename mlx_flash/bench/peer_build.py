@@ -128,13 +128,17 @@ def build(folder: Path, jobs: int = 0) -> dict:
     return info
 
 
-@cli
-def main(argv=None):
+def setup_arg_parser():
     p = argparse.ArgumentParser(prog="python -m mlx_flash.bench.peer_build",
                                 description="Build llama.cpp's llama-bench and llama-completion (the benchmark's peer).")
     p.add_argument("--dir", default=None, help="where to build (default: .peer/ at the checkout's root)")
     p.add_argument("--jobs", "-j", type=int, default=0, help="ninja's parallel jobs (default: ninja's)")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli
+def main(argv=None):
+    args = setup_arg_parser().parse_args(argv)
     return build(Path(args.dir) if args.dir else peer_dir(), args.jobs)
 
 
