@@ -117,3 +117,15 @@ def test_report_and_smallest_limit(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--peer", "--report", str(saved)])
     assert e.value.code == 2 and "not a --json file written by --peer" in capsys.readouterr().err
+
+
+def test_make_peer_names_a_missing_compiler(tmp_path, monkeypatch, capsys):
+    """`make peer` without a C++ compiler: one line naming it, nothing downloaded or built."""
+    from mlx_flash.bench import peer_build
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.raises(SystemExit) as e:
+        peer_build.main(["--dir", str(tmp_path / "peer")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "needs a C++ compiler" in err[0]
+    assert not (tmp_path / "peer").exists()
