@@ -59,7 +59,7 @@ def setup_arg_parser():
     p.add_argument("--chat", action="store_true", required=True, help="this mode of the benchmark")
     add_model_arguments(p)
     p.add_argument("--document-chars", type=int, default=2000, help="characters of text pasted in the first turn")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", "-m", type=int, default=16)
     p.add_argument("--json", default=None)
     return p
 
