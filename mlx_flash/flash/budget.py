@@ -111,8 +111,20 @@ def numpy_prompt_bytes(cfg: FlashConfig, chunk: int) -> int:
     if not numpy_is_faster():
         return 0
     rows = min(staging_rows(cfg) // 2 or 1, float_block(cfg.d_model, cfg.d_ff))
-    weights = max(3 * 4 * cfg.d_model ** 2, 3 * 4 * cfg.d_model * rows)
+    weights = max(4 * largest_layer_matrix(cfg), 3 * 4 * cfg.d_model * rows)
     return weights + chunk * (2 * cfg.d_model + 2 * rows) * 4
+
+
+def largest_layer_matrix(cfg: FlashConfig) -> int:
+    """Elements of the largest matrix a layer multiplies by besides its FFN bundles: an attention
+    projection (Phi-3's fused QKV), or a predictor's rank x d_ff."""
+    c = text_config(cfg.model_config)
+    d, heads = cfg.d_model, c["num_attention_heads"]
+    head_dim = c.get("head_dim") or d // heads
+    kv = c.get("num_key_value_heads") or heads
+    attention = d * (heads + 2 * kv) * head_dim if c.get("model_type") == "phi3" else d * max(heads * head_dim, d)
+    ranks = (cfg.predictors or {}).get("rank") or [0]
+    return max(attention, max(ranks) * cfg.d_ff)
 
 
 def predictor_level(p: dict, recall: Optional[float]) -> dict:
