@@ -123,7 +123,7 @@ def largest_layer_matrix(cfg: FlashConfig) -> int:
     head_dim = c.get("head_dim") or d // heads
     kv = c.get("num_key_value_heads") or heads
     attention = d * (heads + 2 * kv) * head_dim if c.get("model_type") == "phi3" else d * max(heads * head_dim, d)
-    ranks = (cfg.predictors or {}).get("rank") or [0]
+    ranks = (getattr(cfg, "predictors", None) or {}).get("rank") or [0]  # an MoE plan passes a geometry
     return max(attention, max(ranks) * cfg.d_ff)
 
 
