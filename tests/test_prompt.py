@@ -145,3 +145,17 @@ def test_the_planned_chunk_follows_the_budget(trained_flash):
     assert small.flash_plan.prefill_step < 128 and small.flash_plan.total <= tight
     with pytest.raises(FlashError):
         load(str(folder), mode="flash", max_kv_size=300, dram_budget=tight, slots=64, prefill_step=128)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_numpy_dequantize_is_mlxs(bits):
+    """A prompt's numpy matmuls unpack 4- and 8-bit weights in numpy (other widths by MLX): the same floats
+    as MLX's dequantize, from a packed strided view as the bundles hold them."""
+    w = mx.random.normal((48, 256), key=mx.random.key(bits))
+    q, s, b = mx.quantize(w, 64, bits)
+    want = np.array(mx.dequantize(q, s, b, group_size=64, bits=bits))
+    np.testing.assert_array_equal(sparsity.dequantize(q, s.astype(mx.float16), b.astype(mx.float16), 64, bits),
+                                  np.array(mx.dequantize(q, s.astype(mx.float16).astype(mx.float32),
+                                                         b.astype(mx.float16).astype(mx.float32),
+                                                         group_size=64, bits=bits)))
+    np.testing.assert_array_equal(sparsity.dequantize(q[::2], s[::2], b[::2], 64, bits), want[::2])
