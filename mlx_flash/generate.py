@@ -21,7 +21,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .conversation import Conversation
 from .errors import FlashError, cli
-from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP
+from .flash.budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, UNBUDGETED_PREFILL_STEP
 from .flash.prefill import prefill, use_numpy
 from .flash.prompt import MODES as PROMPT_MODES
 from .load import MODES, load
@@ -33,7 +33,6 @@ DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_TOKENS = 100
 DEFAULT_TEMP = 0.0
 DEFAULT_TOP_P = 1.0
-PREFILL_STEP = 512  # dense mode's prompt tokens per forward pass (flash mode's come from its plan)
 
 
 @dataclass
@@ -128,7 +127,8 @@ def stream(model, tokenizer, prompt, max_tokens=DEFAULT_MAX_TOKENS, temp=DEFAULT
         if use_numpy(len(prompt) - 1):
             # all but the last token with numpy's matmuls (flash.prefill); the last one in mlx-lm's loop
             cache = options.get("prompt_cache") or make_prompt_cache(model)
-            prefill(model, cache, list(prompt[:-1]), plan.prefill_step if plan is not None else PREFILL_STEP)
+            chunk = plan.prefill_step if plan is not None else UNBUDGETED_PREFILL_STEP
+            prefill(model, cache, list(prompt[:-1]), chunk)
             options["prompt_cache"], prompt = cache, prompt[-1:]
         for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler, **options):
             generated.append(r.token)

@@ -99,3 +99,17 @@ def direct_root(tmp_path_factory):
             return
         shutil.rmtree(d, ignore_errors=True)
     pytest.skip("no filesystem here supports direct I/O")
+
+
+def decode(model, ids, n_new):
+    """Prompt pass, then greedy decoding one token at a time: (all logits, new tokens)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array(ids)[None], cache=cache)[0]]
+    toks = []
+    for _ in range(n_new):
+        toks.append(out[-1][-1].argmax().item())
+        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
+    return np.array(mx.concatenate(out).astype(mx.float32)), toks

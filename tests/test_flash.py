@@ -8,8 +8,8 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
+from flash_fixtures import decode
 from mlx_flash.errors import FlashError
 from mlx_flash.format import BUNDLES_FILE, FlashConfig, layer_view
 from mlx_flash.generate import stream
@@ -23,17 +23,6 @@ def oracle(folder):
     """Per layer: the true activations as scores, so `score > 0` is exactly the active set."""
     dense, _ = load_flash(folder, "dense")
     return [lambda x, f=layer.mlp.activations: mx.abs(f(x)) for layer in dense.layers]
-
-
-def decode(model, ids, n_new):
-    """Prompt pass, then greedy decoding one token at a time: (all logits, new tokens)."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array(ids)[None], cache=cache)[0]]
-    toks = []
-    for _ in range(n_new):
-        toks.append(out[-1][-1].argmax().item())
-        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
-    return np.array(mx.concatenate(out).astype(mx.float32)), toks
 
 
 @pytest.mark.parametrize("name", RELU)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
+from flash_fixtures import decode
 from mlx_flash.errors import FlashError
 from mlx_flash.flash import sparsity
 from mlx_flash.format import BUNDLES_FILE, FlashConfig, layer_view
@@ -18,17 +19,6 @@ from mlx_flash.generate import stream
 from mlx_flash.load import load
 
 IDS = np.random.default_rng(1).integers(3, 500, 96).tolist()
-
-
-def logits(model, ids, n_new=0):
-    """The prompt's logits, then greedy decoding: (all logits, new tokens)."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array(ids)[None], cache=cache)[0]]
-    toks = []
-    for _ in range(n_new):
-        toks.append(out[-1][-1].argmax().item())
-        out.append(model(mx.array([[toks[-1]]]), cache=cache)[0])
-    return np.array(mx.concatenate(out).astype(mx.float32)), toks
 
 
 @pytest.mark.parametrize("name, convert_options", [
@@ -44,8 +34,8 @@ def test_prompt_pass_equals_dense(trained_flash, name, convert_options, monkeypa
     cfg = FlashConfig.load(folder)
     dense, _ = load(str(folder), mode="dense")
     flash, _ = load(str(folder), mode="flash", prompt_mode="pass", slots=cfg.d_ff // 4)
-    want, _ = logits(dense, IDS)
-    got, _ = logits(flash, IDS)
+    want, _ = decode(dense, IDS, 0)
+    got, _ = decode(flash, IDS, 0)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     s = flash.flash_stats.snapshot()
     assert s["prompt_mode"] == "pass" and s["prompt_passes"] == cfg.n_layers
@@ -86,8 +76,8 @@ def test_windows_after_a_prompt_hold_its_last_tokens_neurons(trained_flash):
         assert np.array_equal(row, np.concatenate([disk[:, f.offset:f.offset + f.nbytes] for f in cfg.layout.fields],
                                                   axis=1))
     flash2, _ = load(str(folder), mode="flash", prompt_mode="pass", predictor=oracle, window=3)
-    want, want_toks = logits(dense, IDS, 8)
-    got, got_toks = logits(flash2, IDS, 8)
+    want, want_toks = decode(dense, IDS, 8)
+    got, got_toks = decode(flash2, IDS, 8)
     assert got_toks == want_toks
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     s = flash2.flash_stats.snapshot()
@@ -101,15 +91,15 @@ def test_auto_mode_passes_only_where_window_steps_would_read_more(trained_flash)
     cfg = FlashConfig.load(folder)
     small = cfg.d_ff // 8  # windows of 1/8 of the FFN: a long prompt's groups read it several times over
     model, _ = load(str(folder), mode="flash", slots=small)
-    logits(model, IDS)
+    decode(model, IDS, 0)
     s = model.flash_stats.snapshot()
     assert s["prompt_mode"] == "pass" and s["prompt_bytes_read"] == cfg.n_layers * cfg.d_ff * cfg.layout.stride
     steps, _ = load(str(folder), mode="flash", slots=small, prompt_mode="window")
-    logits(steps, IDS)
+    decode(steps, IDS, 0)
     w = steps.flash_stats.snapshot()
     assert w["prompt_mode"] == "window steps" and w["prompt_bytes_read"] > s["prompt_bytes_read"]
     short, _ = load(str(folder), mode="flash", slots=small)
-    logits(short, IDS[:2])
+    decode(short, IDS[:2], 0)
     assert short.flash_stats.snapshot()["prompt_mode"] == "window steps"
     with pytest.raises(FlashError, match="prompt-mode"):
         load(str(folder), mode="flash", prompt_mode="all")

@@ -216,6 +216,8 @@ class FlashFFN(nn.Module):
         elif self.layer == 0:
             s.prompt_tokens += len(pred)
 
+        if not decode and self.prompt is not None and self.prompt_mode == "pass":
+            return self.prompt_pass(xs, pred, scores).reshape(shape)  # no groups to cut
         groups = list(self.groups(pred))
         if not decode and self.prompt is not None and \
                 choose(self.prompt_mode, pred, groups, self.cache.neuron_to_slot >= 0, self.spec.d_ff):

@@ -1,8 +1,8 @@
 """A prompt's matmuls on the fastest engine of the device: numpy's BLAS on MLX's CPU backend.
 
 On this project's x86 machines MLX's CPU backend multiplies a prompt's (N, d) activations by a
-matrix at 2-4 GFLOP/s (quantized or float32), where numpy's BLAS does ~110 GFLOP/s on the same two
-cores (measured: a 512 x 4096 by 4096 x 16384 product, 2026-12-03). Decoding multiplies one token,
+matrix many times slower than numpy's BLAS on the same cores (`bench --prompts`: README, "Time to
+first token", compares the two on the same prompt). Decoding multiplies one token,
 where dequantizing a matrix for numpy would cost more than the product: it stays in MLX. So a
 prompt's tokens, all but the last, run through the layers with every linear of the resident part
 in numpy (flash.sparsity's NumpyLinear: dequantized at float32 one matrix at a time), filling the
