@@ -352,3 +352,22 @@ def test_calibration_command_times_each_rank(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--calibration", "opt-7b", "--dir", str(tmp_path / "x")])
     assert "unknown geometry" in capsys.readouterr().err
+
+
+def test_probe_matmul_small(tmp_path, capsys):
+    """`probe matmul`: every engine at every token count, rates from the timed ms, and one line for bad input."""
+    probe_cli.main(["matmul", "--shape", "128x256", "--tokens", "1,4", "--bits", "8", "--repeats", "1",
+                    "--json", str(tmp_path / "m.json")])
+    r = json.loads((tmp_path / "m.json").read_text())
+    assert {(p["tokens"], p["engine"]) for p in r["points"]} == {
+        (n, e) for n in (1, 4) for e in ("mlx float32", "mlx 8-bit", "numpy float32")}
+    for p in r["points"]:
+        assert p["ms"] > 0 and p["gflop_per_s"] == pytest.approx(2 * p["tokens"] * 128 * 256 / p["ms"] / 1e6)
+    assert r["dequantize_ms"]["mlx"] > 0 and r["dequantize_ms"]["numpy"] > 0
+    assert "| 4 | numpy float32 |" in capsys.readouterr().out
+    for bad in (["--shape", "100x256"], ["--shape", "wide"], ["--tokens", "0"], ["--tokens", "a"]):
+        with pytest.raises(SystemExit) as e:
+            probe_cli.main(["matmul", *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --") and "\n" not in err
