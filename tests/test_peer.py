@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_flash.bench import peer
+from mlx_flash.bench import peer, peer_model
 from mlx_flash.errors import FlashError
 from mlx_flash.gguf import load_gguf
 
@@ -72,14 +72,14 @@ def test_rows_say_peer_not_built(tmp_path, monkeypatch, capsys):
 
 
 def test_synthetic_gguf_is_a_llama_our_reader_takes(tmp_path):
-    path = peer.write_synthetic_gguf(tmp_path / "tiny.gguf", "tiny")
+    path = peer_model.write_synthetic_gguf(tmp_path / "tiny.gguf", "tiny")
     config, weights, tok = load_gguf(path)
-    g = peer.GEOMETRIES["tiny"]
+    g = peer_model.GEOMETRIES["tiny"]
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == g["layers"]
     assert (config["hidden_size"], config["intermediate_size"]) == (g["d_model"], g["d_ff"])
     assert config["num_key_value_heads"] == g["kv_heads"] and config["vocab_size"] == 49152
     assert "model.layers.1.mlp.down_proj.weight" in weights and tok["model"] == "gpt2" and tok["eos"] == 2
-    assert peer.write_synthetic_gguf(path, "tiny") == path  # written once
+    assert peer_model.write_synthetic_gguf(path, "tiny") == path  # written once
 
 
 def test_report_and_smallest_limit(tmp_path, capsys):
