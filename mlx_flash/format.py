@@ -152,6 +152,7 @@ class FlashConfig:
     source: dict  # where it came from, resident quantization, requantization error
     predictors: Optional[dict] = None  # written by train_predictors
     act_threshold: float = 0.0  # FATReLU's threshold (activation "fatrelu")
+    pipeline: Optional[dict] = None  # one rank's folder of a split (mlx_flash.split): rank, ranks, layers, split_id
 
     def bundle_offset(self, layer: int, neuron: int) -> int:
         return self.layers[layer]["offset"] + neuron * self.layout.stride
@@ -178,6 +179,7 @@ class FlashConfig:
             },
             "source": self.source,
             "predictors": self.predictors,
+            **({"pipeline": self.pipeline} if self.pipeline else {}),
         }
 
     def save(self, folder: Path):
@@ -221,6 +223,7 @@ class FlashConfig:
                 file_size=f["file_size"],
                 source=d.get("source", {}),
                 predictors=d.get("predictors"),
+                pipeline=d.get("pipeline"),
             )
         except (KeyError, TypeError) as e:
             raise FlashError(f"{path} is corrupt: missing or malformed entry {e}")

@@ -214,7 +214,23 @@ def setup_arg_parser():
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--system-prompt", default=None, help="system message when --chat is given")
+    p.add_argument("--pipeline", action="store_true",
+                   help="this is one rank of a model split over several machines (mlx_flash.split): start every rank "
+                        "with python -m mlx_flash.launch -n N -- generate ... --pipeline (mlx_flash.pipeline)")
+    p.add_argument("--pipeline-timeout", type=float, default=None,
+                   help="--pipeline: seconds to wait for another rank before giving up on it (default: 300)")
     return p
+
+
+def pipeline_prompt(args, tokenizer, model) -> List[int]:
+    """The prompt's token ids on a pipeline rank (every rank computes them from the same arguments)."""
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt or DEFAULT_PROMPT
+    prompt = build_prompt(tokenizer, text, args.chat, args.system_prompt)
+    if isinstance(prompt, str):  # as stream() does
+        bos = getattr(tokenizer, "bos_token", None)
+        prompt = tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    check_context(model, len(prompt), args.max_tokens)
+    return list(prompt)
 
 
 def flash_options(args) -> dict:
@@ -271,6 +287,15 @@ def main(argv=None):
     if args.mode != "flash" and flash_options(args):
         raise FlashError("--dram-budget, --window, --threads, --recall, --max-kv-size, --prefill-step, --prefetch, "
                          "--prompt-mode and --profile apply to --mode flash only")
+    if args.pipeline:  # one rank of several (mlx_flash.pipeline)
+        from .pipeline import DEFAULT_TIMEOUT, generate_main
+
+        if args.chat and args.prompt is None:
+            raise FlashError("--pipeline generates for one prompt: give --prompt (a conversation is not supported)")
+        args.pipeline_timeout = args.pipeline_timeout or DEFAULT_TIMEOUT
+        return generate_main(args, flash_options(args), lambda tok, model: pipeline_prompt(args, tok, model))
+    if args.pipeline_timeout is not None:
+        raise FlashError("--pipeline-timeout applies to --pipeline only")
     model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     if args.chat and args.prompt is None:
         return converse(model, tokenizer, args)

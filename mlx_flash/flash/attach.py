@@ -61,7 +61,8 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
     transient = 4 * (head.scales.size + head.biases.size) if "scales" in head else 0
     # activations (and so the KV cache) take the dtype that embeddings meet the first norm in:
     # float32 for the built-in model, whose embeddings are float16 but whose norms are float32
-    norm = next(m for name, m in model.layers[0].children().items() if "norm" in name)
+    # (the first layer with a norm: a pipeline rank's layers of other ranks have none, mlx_flash.pipeline)
+    norm = next(m for layer in model.layers for name, m in layer.children().items() if "norm" in name)
     x = mx.zeros((1, model.ffn_spec.d_model), embed.scales.dtype if "scales" in embed else embed.weight.dtype)
     item = norm(x).dtype.size
     return resident, transient, item
@@ -69,10 +70,12 @@ def resident_facts(model, down_bias) -> Tuple[int, int, int]:
 
 def plan_flash(model, folder: Path, cfg: FlashConfig, down_bias, predictors, dram_budget=None, window=None,
                max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: Optional[int] = None,
-               slots: Optional[int] = None, recall: Optional[float] = None, prefetch: bool = False) -> Plan:
+               slots: Optional[int] = None, recall: Optional[float] = None, prefetch: bool = False,
+               facts: Optional[Tuple[int, int, int]] = None) -> Plan:
     """The budget plan of flash mode for this model and these predictors (flash.budget.plan);
-    predictors: every predictor held in memory (lookahead ones included)."""
-    resident, transient, item = resident_facts(model, down_bias)
+    predictors: every predictor held in memory (lookahead ones included); facts: resident_facts' when
+    the model holds only part of its weights (a pipeline rank: mlx_flash.pipeline)."""
+    resident, transient, item = facts or resident_facts(model, down_bias)
     predictor_bytes = sum(v.nbytes for p in predictors if hasattr(p, "parameters")
                           for _, v in tree_flatten(p.parameters()))
     return plan(folder, cfg, resident, predictor_bytes, dram_budget, window, max_kv_size, slots, recall, transient,
@@ -98,7 +101,7 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
                  max_kv_size: int = DEFAULT_MAX_KV_SIZE, prefill_step: Optional[int] = None,
                  slots: Optional[int] = None, predictor=None, recall: Optional[float] = None,
                  predictor_bits: Optional[int] = 8, profile: bool = False, prefetch: Optional[bool] = None,
-                 lookahead=None, prompt_mode: str = "auto"):
+                 lookahead=None, prompt_mode: str = "auto", facts: Optional[Tuple[int, int, int]] = None):
     """Give every layer a FlashFFN. predictor: None (the trained ones) or a list of callables
     (N, d_model) -> (N, d_ff) scores with threshold 0 (an oracle, in tests and evaluation).
     recall: one of the calibrated recall levels (default: the training target).
@@ -110,7 +113,8 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
     None: on when there are lookahead predictors and the budget holds them with their second staging
     area (measured faster at the same budget: README, same-budget table), off otherwise.
     prompt_mode: "auto" (per prompt and layer, from the predicted bytes), "pass" (every bundle, read
-    once in sequential slices through the staging area) or "window" (window steps): flash.prompt."""
+    once in sequential slices through the staging area) or "window" (window steps): flash.prompt.
+    facts: what the resident part weighs (plan_flash), given by a pipeline rank."""
     folder = Path(folder)
     if cfg.predictors is None:
         raise FlashError(
@@ -133,13 +137,13 @@ def attach_flash(model, folder: Path, cfg: FlashConfig, down_bias, dram_budget=N
             trained_predictors(folder, cfg, recall, predictor_bits, lookahead=True)
     try:
         pl = plan_flash(model, folder, cfg, down_bias, predictors + looks, dram_budget, window, max_kv_size,
-                        prefill_step, slots, recall, prefetch)
+                        prefill_step, slots, recall, prefetch, facts)
     except FlashError:
         if not (auto and prefetch):
             raise
         (looks, look_taus), prefetch = no_lookahead, False  # the budget holds flash, not its prefetch as well
         pl = plan_flash(model, folder, cfg, down_bias, predictors, dram_budget, window, max_kv_size,
-                        prefill_step, slots, recall, prefetch)
+                        prefill_step, slots, recall, prefetch, facts)
 
     reader = BundleReader(folder, cfg, threads=threads, direct=direct, verify=verify)
     stats = FlashStats(n_layers=cfg.n_layers, d_ff=cfg.d_ff)
