@@ -19,7 +19,9 @@ from moe_models import EXPERTS, MOE_ARCHS, TOP_K, make_moe
 from mlx_flash.convert import convert
 from mlx_flash.errors import FlashError
 from mlx_flash.expert_format import EXPERTS_FILE, ExpertStore
+from mlx_flash.flash import prefill as prefill_module
 from mlx_flash.flash.expert_cache import ExpertCache
+from mlx_flash.flash.prefill import prefill
 from mlx_flash.load import load_flash
 
 SLOTS = 3  # fewer than the 8 experts, more than a token's 2
@@ -173,6 +175,68 @@ def test_prompt_mode_auto_takes_the_fewer_reads(moe):
         assert relative(two_chunks(m), ref) <= TOL
     assert few.flash_stats.prompt_passes == 4 and every.flash_stats.prompt_groups == 4
     assert few.flash_stats.prompt_experts_read < window.flash_stats.prompt_experts_read
+
+
+def prefilled_logits(model, ids: list, chunk: int, tokens: list) -> np.ndarray:
+    """Generate's path: all but the last of `ids` through flash.prefill (`chunk` tokens per forward pass),
+    MLX's gather_qmm and gather_mm refused meanwhile (the experts must multiply in numpy); then the last
+    token and `tokens` one at a time: (1 + len(tokens), vocab) logits."""
+    def refused(*args, **kwargs):
+        raise AssertionError("a prompt's experts went through MLX's gather_qmm / gather_mm")
+
+    cache = make_prompt_cache(model)
+    gather = mx.gather_qmm, mx.gather_mm
+    mx.gather_qmm = mx.gather_mm = refused
+    try:
+        prefill(model, cache, ids[:-1], chunk)
+    finally:
+        mx.gather_qmm, mx.gather_mm = gather
+    out = [np.array(model(mx.array(ids[-1:])[None], cache=cache)[0])]
+    out += [np.array(model(mx.array([[t]]), cache=cache)[0]) for t in tokens]
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "q4"])
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_prompt_experts_multiply_in_numpy(moe, arch, quantized, monkeypatch):
+    """On MLX's CPU backend (forced here, whatever the device) a prompt's experts multiply in numpy, expert by
+    expert (flash.expert_numpy): in dense mode, in groups and in one pass over the experts, in chunks of 7
+    tokens (the second chunk finds experts in the slots); the prompt's last logits and the decode tokens
+    after it are mlx-lm's."""
+    monkeypatch.setattr(prefill_module, "numpy_is_faster", lambda: True)
+    src, folder = moe(arch, quantized)
+    ids = np.random.default_rng(2).integers(3, 500, 15).tolist()
+    ref_model = reference_model(src)
+    cache = make_prompt_cache(ref_model)
+    ref = [np.array(ref_model(mx.array(ids)[None], cache=cache)[0, -1:])]
+    for _ in range(4):
+        ref.append(np.array(ref_model(mx.array([[int(ref[-1][-1].argmax())]]), cache=cache)[0]))
+    ref = np.concatenate(ref)
+    tokens = [int(r.argmax()) for r in ref[:-1]]
+    dense, _ = load_flash(folder, "dense")
+    assert relative(prefilled_logits(dense, ids, 7, tokens), ref) <= TOL
+    for mode in ("window", "pass"):
+        model, _ = load_flash(folder, "flash", slots=SLOTS, prompt_mode=mode)
+        assert relative(prefilled_logits(model, ids, 7, tokens), ref) <= TOL, mode
+        s = model.flash_stats
+        assert (s.prompt_passes if mode == "pass" else s.prompt_groups) == 2 * len(caches(model))
+        assert s.prompt_experts_read > 0 and s.decode_tokens == 1 + len(tokens)
+    assert relative(prefilled_logits(ref_model, ids, 7, tokens), ref) <= TOL  # mlx-lm's own SwitchGLU, swapped
+
+
+def test_numpy_activations_are_mlx_lm_s():
+    """SwiGLU and gpt-oss's clamped SwigluOAI in numpy, on values beyond the clamp, equal mlx-lm's."""
+    from mlx_lm.models.activations import SwigluOAI
+    from mlx_lm.models.switch_layers import SwiGLU
+
+    from mlx_flash.flash.expert_numpy import activation
+
+    rng = np.random.default_rng(0)
+    u, g = (rng.uniform(-20, 20, (16, 64)).astype(np.float32) for _ in range(2))
+    for act in (SwiGLU(), SwigluOAI(), SwigluOAI(alpha=1.0, limit=3.0)):
+        want = np.array(act(mx.array(u), mx.array(g)))
+        got = activation(act, u.copy(), g.copy())
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_lookahead_changes_where_bytes_come_from_not_the_output(moe):

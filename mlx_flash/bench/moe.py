@@ -41,9 +41,11 @@ I/O, exposed I/O, memory management, compute (the rest: MLX and Python), experts
 rate, read GB/s against the in-run probe (random direct reads of one extent, 8 and 32 threads), peak.
 
 Prompt rows (not run by default): flash mode at the same budget, cold slots, one prompt of
-`--prompt-tokens` tokens in one chunk, its time to the first logits: `prompt-groups` in groups of tokens
-whose experts fit the slots (--prompt-mode window), `prompt-pass` as one pass over each layer's experts
-(--prompt-mode pass, flash/expert_prompt.py); experts and MB read, I/O and its exposed part, disk bytes.
+`--prompt-tokens` tokens, its time to the first logits, run as generate runs it (all but the last token
+in one chunk through flash.prefill: numpy's matmuls on MLX's CPU backend; then the last token):
+`prompt-groups` in groups of tokens whose experts fit the slots (--prompt-mode window), `prompt-pass` as
+one pass over each layer's experts (--prompt-mode pass, flash/expert_prompt.py); experts and MB read
+(the last token's included), I/O and its exposed part, disk bytes.
 """
 
 import argparse
@@ -432,10 +434,15 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
 
 
 def prompt_row(row: str, model, cache, stats, plan: dict, store: ExpertStore, args, cg, base, routing, seed) -> dict:
-    """A prompt row's one measurement: a prompt of --prompt-tokens from cold slots, to its first logits."""
-    ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], args.prompt_tokens)
+    """A prompt row's one measurement: a prompt of --prompt-tokens from cold slots, to its first logits, run
+    as generate runs it: all but the last token through flash.prefill (numpy's matmuls on MLX's CPU backend),
+    in one chunk, then the last token."""
+    from ..flash.prefill import prefill
+
+    ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], args.prompt_tokens).tolist()
     disk0, t0 = disk_read_bytes(), time.perf_counter()
-    mx.eval(model(mx.array(ids)[None], cache=cache))
+    prefill(model, cache, ids[:-1], plan["prefill_step"])
+    mx.eval(model(mx.array(ids[-1:])[None], cache=cache))
     ms = 1000 * (time.perf_counter() - t0)
     disk = disk_read_bytes() - disk0
     snap = stats.snapshot()
@@ -525,11 +532,13 @@ def summarize_prompt(runs: List[dict], budget: int, slack: int) -> dict:
     if not ok:
         return {"fits": False, "reason": runs[0].get("reason", "failed")}
     med = lambda f: float(np.median([f(r) for r in ok]))
+    # the prompt's last token runs as a decode step (generate's path): its reads are counted with the prompt's
+    both = lambda prompt, decode: med(lambda r: r["stats"][prompt] + r["stats"][decode] * r["stats"]["decode_tokens"])
     s = {"ms_prompt": med(lambda r: r["ms_prompt"]), "ms_prompt_runs": [r["ms_prompt"] for r in ok],
-         "experts_read": med(lambda r: r["stats"]["prompt_experts_read"]),
-         "mb_read": med(lambda r: r["stats"]["prompt_bytes_read"]) / 1e6,
-         "disk_mb": med(lambda r: r["disk_bytes"]) / 1e6, "ms_io": med(lambda r: r["stats"]["prompt_ms_io"]),
-         "ms_io_exposed": med(lambda r: r["stats"]["prompt_ms_io_exposed"]),
+         "experts_read": both("prompt_experts_read", "experts_read_per_token"),
+         "mb_read": both("prompt_bytes_read", "bytes_read_per_token") / 1e6,
+         "disk_mb": med(lambda r: r["disk_bytes"]) / 1e6, "ms_io": both("prompt_ms_io", "ms_io"),
+         "ms_io_exposed": both("prompt_ms_io_exposed", "ms_io_exposed"),
          "passes": ok[0]["stats"]["prompt_passes"], "groups": ok[0]["stats"]["prompt_groups"],
          "slots": ok[0]["plan"]["slots"], "planned_bytes": ok[0]["plan"]["total"],
          "peak_mlx_bytes": max(r["peak_mlx_bytes"] for r in ok),

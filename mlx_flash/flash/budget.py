@@ -92,16 +92,18 @@ def staging_rows(cfg: FlashConfig) -> int:
 
 
 def working_bytes(cfg: FlashConfig, transient: int = 0, chunk: int = DEFAULT_PREFILL_STEP,
-                  context: int = DEFAULT_MAX_KV_SIZE, item: int = 4) -> int:
+                  context: int = DEFAULT_MAX_KV_SIZE, item: int = 4, numpy: Optional[int] = None) -> int:
     """Working memory: a token's logits, and a prompt chunk's activations (hidden states, attention
     projections, FFN hidden, predictor scores) and attention scores against the whole context,
-    plus what the resident part allocates per token beyond its weights (`transient`)."""
+    plus what the resident part allocates per token beyond its weights (`transient`), plus the numpy
+    matmuls' (`numpy`; None: numpy_prompt_bytes, a dense FFN's)."""
     c = text_config(cfg.model_config)
     heads = c["num_attention_heads"]
     logits = 2 * c["vocab_size"] * 4
     activations = chunk * (8 * cfg.d_model + 5 * cfg.d_ff) * item
     scores = 2 * heads * chunk * context * 4  # scores and their softmax, float32
-    return logits + activations + scores + transient + numpy_prompt_bytes(cfg, chunk)
+    numpy = numpy_prompt_bytes(cfg, chunk) if numpy is None else numpy
+    return logits + activations + scores + transient + numpy
 
 
 def numpy_prompt_bytes(cfg: FlashConfig, chunk: int) -> int:
@@ -113,6 +115,19 @@ def numpy_prompt_bytes(cfg: FlashConfig, chunk: int) -> int:
     rows = min(staging_rows(cfg) // 2 or 1, float_block(cfg.d_model, cfg.d_ff))
     weights = max(4 * largest_layer_matrix(cfg), 3 * 4 * cfg.d_model * rows)
     return weights + chunk * (2 * cfg.d_model + 2 * rows) * 4
+
+
+def numpy_expert_bytes(cfg, d_ff: int, top_k: int, chunk: int) -> int:
+    """On MLX's CPU backend a prompt's routed experts multiply in numpy too (flash.expert_numpy): one
+    expert's gate, up and down in float32 (or the largest resident matrix, if larger), the chunk's float32
+    inputs, the outputs of its (token, expert) pairs twice (numpy's and MLX's copy), and one expert's
+    tokens (at most the chunk): their inputs, gate, up and hidden units, outputs. cfg: the model's
+    geometry (model_config, d_model); d_ff: an expert's width."""
+    if not numpy_is_faster():
+        return 0
+    d = cfg.d_model
+    weights = max(4 * largest_layer_matrix(cfg), 3 * 4 * d * d_ff)
+    return weights + chunk * (d + 2 * top_k * d + 2 * d + 3 * d_ff) * 4
 
 
 def largest_layer_matrix(cfg: FlashConfig) -> int:

@@ -7,7 +7,8 @@ shared experts, dense layers). Dense mode reads every expert once into a SwitchG
 each MoE layer a FlashExperts over `slots` expert slots (flash/experts.py).
 
 The plan (`plan_experts`) counts what flash mode holds: the resident part, the KV cache of the context
-reserved (`max_kv_size`, allocated once), a prompt chunk's working memory, the reads' staging area
+reserved (`max_kv_size`, allocated once), a prompt chunk's working memory (with, on MLX's CPU backend,
+its numpy matmuls': an expert's float32 weights, the chunk's pairs), the reads' staging area
 (a token's top-k extents; three such areas with lookahead), the prompt pass's two halves (top-k experts
 in all, flash/expert_prompt.py) and the slots of every MoE layer. The slots
 are as many as the budget leaves room for, up to every expert; fewer than a token's top-k cannot run,
@@ -32,7 +33,8 @@ from ..sizes import parse_budget
 from ..sources import instantiate, mismatch, quantize_like
 from ..system import release_pages
 from .attach import resident_facts
-from .budget import DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, kv_bytes, working_bytes
+from .budget import (DEFAULT_MAX_KV_SIZE, DEFAULT_PREFILL_STEP, DEFAULT_THREADS, kv_bytes, numpy_expert_bytes,
+                     working_bytes)
 from .bundle_reader import BUFFER_ALIGN, BundleBuffer, BundleReader
 from .expert_cache import ExpertCache
 from .expert_prompt import MODES as PROMPT_MODES
@@ -98,7 +100,8 @@ def plan_experts(store: ExpertStore, total: int, resident: int, transient: int =
     # a chunk's activations: k experts' hidden units and outputs per token, the router's logits
     geometry = SimpleNamespace(model_config=store.model_config, d_model=store.d_model,
                                d_ff=k * (store.d_ff + store.d_model) + store.num_experts)
-    working = working_bytes(geometry, transient, chunk, max_kv_size, item)
+    working = working_bytes(geometry, transient, chunk, max_kv_size, item,
+                            numpy_expert_bytes(geometry, store.d_ff, k, chunk))
     staging = k * store.layout.stride * (3 if prefetch else 1)  # prefetch: two more areas
     pass_rows = max(1, k // 2)
     prompt_staging = 2 * (pass_rows * store.expert_bytes + len(store.layout.fields) * BUFFER_ALIGN)

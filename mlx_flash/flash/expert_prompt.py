@@ -11,7 +11,8 @@ once instead. Per MoE layer and prompt:
   slice by slice into the two halves of the pass's staging area (two buffers of `rows` experts laid out
   as the slots are, allocated once, counted by the plan as `prompt_staging`), slice i+1 read while slice
   i computes: the pairs routed to a slice's experts are computed as it passes, by mlx-lm's SwitchGLU on
-  the half (gather_qmm, no copy);
+  the half (gather_qmm, no copy), or in numpy on MLX's CPU backend (flash.expert_numpy: each expert
+  dequantized once, for all its pairs);
 - the slots are refilled with the experts of the prompt's last tokens (as many tokens as fit), copied
   from the halves as they pass, so that decoding starts warm.
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from .bundle_reader import ReadStats
 from .expert_cache import ExpertCache
+from .expert_numpy import NumpySwitchGLU, expert_pairs, output_dtype
 from .neuron_cache import NeuronBuffer
 
 MODES = ("auto", "pass", "window")  # auto: per layer and prompt, from the predicted reads
@@ -132,7 +134,14 @@ class ExpertPass:
         io = exposed = memory = compute = 0.0
         parts, order = [], []
 
+        numpy = isinstance(slot_glu, NumpySwitchGLU)  # within flash.prefill's numpy_linears
+        if numpy:
+            x_np, out = np.asarray(xs.astype(mx.float32)), np.empty((n * k, xs.shape[-1]), dtype=np.float32)
+
         def pairs(glu, p: np.ndarray, where: np.ndarray):
+            if numpy:  # done when it returns: the half may be refilled
+                out[p] = expert_pairs(glu, x_np, tok[p], where[flat[p]])
+                return
             y = glu(xs[mx.array(tok[p])], mx.array(where[flat[p]][:, None].astype(np.uint32)))  # (m, 1, d)
             mx.eval(y)  # before its weights' memory is refilled
             parts.append(y[:, 0])
@@ -141,7 +150,7 @@ class ExpertPass:
         t0 = time.perf_counter()
         held = np.flatnonzero(cache.slot_of[flat] >= 0)
         if len(held):  # first, while they are in their slots
-            pairs(slot_glu, held, cache.slot_of)
+            pairs(slot_glu.glu if numpy else slot_glu, held, cache.slot_of)
         t1 = time.perf_counter()
         compute += t1 - t0
         start = warm_start(ids, cache.slots)
@@ -174,8 +183,11 @@ class ExpertPass:
             cache.abort()  # nothing half-copied enters the slots
             raise
         cache.commit()
-        order = np.concatenate(order)
-        y = mx.concatenate(parts, axis=0)[mx.array(np.argsort(order))]  # the pairs back in their places
+        if numpy:
+            y = mx.array(out).astype(output_dtype(slot_glu.glu, xs.dtype))
+        else:
+            order = np.concatenate(order)
+            y = mx.concatenate(parts, axis=0)[mx.array(np.argsort(order))]  # the pairs back in their places
         return y.reshape(n, k, -1), ExpertPassStats(read, io, exposed, memory, compute)
 
     def close(self):
