@@ -77,9 +77,30 @@ def output_dtype(glu: nn.Module, x_dtype) -> mx.Dtype:
     return dtype
 
 
+_blas = None  # threadpoolctl's view of numpy's BLAS, made on first use
+
+
+def one_blas_thread():
+    """Within: numpy's BLAS on one thread. An expert's few tokens (N k / E of them: 8 for 128 tokens of
+    Qwen3-30B-A3B) make small products, which OpenBLAS's threads slow down many times on this project's
+    2-core machines (`python -m mlx_flash.bench.moe --rows prompt-pass`: README, "A prompt: groups or one
+    pass")."""
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
 def expert_pairs(glu: nn.Module, x: np.ndarray, tokens: np.ndarray, experts: np.ndarray) -> np.ndarray:
     """SwitchGLU `glu`'s outputs for pairs (token tokens[i] of x, expert experts[i]): (pairs, d_model)
     float32. x: (N, d_model) float32. Each expert's weights are dequantized once, for all its pairs."""
+    with one_blas_thread():
+        return _expert_pairs(glu, x, tokens, experts)
+
+
+def _expert_pairs(glu: nn.Module, x: np.ndarray, tokens: np.ndarray, experts: np.ndarray) -> np.ndarray:
     out = np.empty((len(experts), getattr(glu, "down_proj").weight.shape[1]), dtype=np.float32)
     order = np.argsort(experts, kind="stable")
     ranked = experts[order]
