@@ -31,6 +31,14 @@ from .system import release_pages
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 
+def _quantization(lin) -> Optional[dict]:
+    """A (Quantized)SwitchLinear's quantization as flash.json keeps it: {"bits", "group_size"[, "mode"]}."""
+    if "scales" not in lin:
+        return None
+    mode = getattr(lin, "mode", "affine")
+    return {"bits": lin.bits, "group_size": lin.group_size, **({"mode": mode} if mode != "affine" else {})}
+
+
 def _expert_fields(switch, quant: Optional[dict], dtype, requantized: Optional[dict] = None) -> Dict[str, mx.array]:
     """{field name: (experts, ...) array} of one layer's SwitchGLU as the extents store them: copied when
     the source is quantized as the extents are, else made float (dequantized) and cast or quantized.
@@ -38,13 +46,13 @@ def _expert_fields(switch, quant: Optional[dict], dtype, requantized: Optional[d
     out = {}
     for proj in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(switch, proj)
-        src_q = {"bits": lin.bits, "group_size": lin.group_size} if "scales" in lin else None
+        src_q = _quantization(lin)
         if "bias" in lin:
             out[f"{proj}.bias"] = lin.bias.astype(dtype)
         if src_q is not None and src_q == quant:  # whole rows of the stacked matrix: bits copied
-            out.update({f"{proj}.{k}": lin[k] for k in ("weight", "scales", "biases")})
+            out.update({f"{proj}.{k}": lin[k] for k in ("weight", "scales", "biases") if lin.get(k) is not None})
             continue
-        w = lin.weight if src_q is None else mx.dequantize(lin.weight, lin.scales, lin.biases, **src_q)
+        w = lin.weight if src_q is None else mx.dequantize(lin.weight, lin.scales, lin.get("biases"), **src_q)
         if quant is None:
             out[f"{proj}.weight"] = w.astype(dtype)
             continue
@@ -83,9 +91,10 @@ def convert_experts(src: Source, out: Path, dtype: Optional[str], quantize: Opti
     routers = {paths[id(getattr(b, moe.router))] for b in blocks.values()}
     total = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
     first = getattr(blocks[min(blocks)], moe.switch).gate_proj
-    src_q = {"bits": first.bits, "group_size": first.group_size} if "scales" in first else None
-    float_src = next(v.dtype for k, v in tree_flatten(first.parameters()) if k in ("scales", "weight")
-                     and v.dtype != mx.uint32)
+    src_q = _quantization(first)
+    floats = [v.dtype for _, v in tree_flatten(getattr(blocks[min(blocks)], moe.switch).parameters())
+              if v.dtype in DTYPES.values()]  # mxfp4's scales are uint8: the biases say then
+    float_src = floats[0] if floats else mx.float16
     mx_dtype = DTYPES[dtype] if dtype else float_src
     if quantize:
         g = group_size or 64

@@ -38,7 +38,8 @@ from .errors import FlashError
 from .format import CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, RESIDENT_FILE, BundleLayout, Field, round_up
 
 EXPERTS_FILE = "experts.bundles"
-DTYPE_NAMES = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32", mx.uint32: "uint32"}
+DTYPE_NAMES = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32", mx.uint32: "uint32",
+               mx.uint8: "uint8"}  # uint8: mxfp4's scales
 
 
 def expert_layout(params: Dict[str, mx.array], alignment: int) -> BundleLayout:

@@ -37,7 +37,7 @@ CONFIG_FILE = "flash.json"
 RESIDENT_FILE = "resident.safetensors"
 BUNDLES_FILE = "ffn.bundles"
 
-_DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4}
+_DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4, "uint8": 1}  # uint8: mxfp4 scales
 
 
 def round_up(n: int, k: int) -> int:

@@ -5,10 +5,13 @@ What each tensor type becomes in `load_gguf`'s weights (HF names):
 - Q4_0, Q4_1, Q8_0: quantized, as mlx-lm's affine triple (`.weight` packed in uint32, `.scales` and
   `.biases` in float16, groups of 32), bit for bit what `mx.load` makes of them, and listed in the
   config's `quantization`.
+- MXFP4 (gpt-oss's experts): MLX's mxfp4 (`.weight` packed in uint32, `.scales` the uint8 E8M0
+  exponents, groups of 32, no biases), bit for bit: the same E2M1 codes and exponents, repacked (gguf-py
+  dequantizes a block to what mx.dequantize(mode="mxfp4") makes of it). Read for routed experts only.
 - F32, F16, BF16: as stored.
 - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q5_0, Q5_1: dequantized to float16 by MLX ops on the raw blocks,
   lazily: a tensor is expanded only when it is evaluated (convert does that one layer at a time).
-- any other type gguf-py can dequantize (IQ*, TQ*, MXFP4, ...): dequantized to float16 by its numpy
+- any other type gguf-py can dequantize (IQ*, TQ*, ...): dequantized to float16 by its numpy
   code while the file is read, so held whole.
 
 A source whose FFN matrices arrive dequantized converts as a float model: its bundles are float16
@@ -28,6 +31,9 @@ undone here:
 - qwen3moe: nothing (NEOX RoPE); every layer routes to experts, the top-k weights renormalized (llama.cpp's
   rule for it, or `expert_weights_norm` where the file says).
 - qwen2, qwen3: nothing (NEOX RoPE is HF's order).
+- gpt-oss: nothing to undo (NEOX RoPE; gate and up already split apart); its attention sinks
+  (`attn_sinks.weight`) become `self_attn.sinks`; sliding-window attention in the even layers (llama.cpp's
+  pattern), YaRN RoPE from the file's scaling keys.
 - gemma3: every `*norm.weight` stored + 1 (HF's Gemma3RMSNorm multiplies by 1 + w). What the GGUF
   does not store, llama.cpp fixes and so do we: sliding-window pattern 6, local RoPE base 10000,
   query scale 1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B).
@@ -59,7 +65,7 @@ from .errors import FlashError
 
 GGUF_GROUP_SIZE = 32  # weights per Q4_0/Q4_1/Q8_0 block: one scale and one bias each
 DEQUANT_DTYPE = mx.float16  # what the other quantized types are expanded to
-SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3moe", "gemma3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3moe", "gpt-oss", "gemma3")
 
 _COMMON_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -92,6 +98,10 @@ _NAMES = {  # by the config's model_type
     "qwen2": _LLAMA_NAMES,
     "qwen3": _LLAMA_NAMES,
     "qwen3_moe": _moe_names("mlp"),
+    "gpt_oss": {**{k: v for k, v in _COMMON_NAMES.items() if not k.startswith("ffn_")},
+                "attn_sinks": "self_attn.sinks", "post_attention_norm": "post_attention_layernorm",
+                "ffn_gate_inp": "mlp.router", "ffn_gate_exps": "mlp.experts.gate_proj",
+                "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"},
     "gemma3_text": {**_COMMON_NAMES, "post_attention_norm": "post_attention_layernorm",
                     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
 }
@@ -276,7 +286,13 @@ def _q6_k(b):  # (n, 210): 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 
     return (d * q).reshape(n, 256)
 
 
-_QUANTIZED = {T.Q4_0: (_q4_0, 4), T.Q4_1: (_q4_1, 4), T.Q8_0: (_q8_0, 8)}  # -> affine triple, bits
+def _mxfp4(b):  # (n, 17): e8m0 exponent e, 16 bytes of E2M1 codes (low nibbles first); w = fp4(q) * 2^(e - 127)
+    return _pack4(_nibbles(b[:, 1:])), b[:, 0:1]  # MLX's mxfp4: the same codes and exponents, repacked
+
+
+_AFFINE = lambda bits: {"group_size": GGUF_GROUP_SIZE, "bits": bits}
+_QUANTIZED = {T.Q4_0: (_q4_0, _AFFINE(4)), T.Q4_1: (_q4_1, _AFFINE(4)), T.Q8_0: (_q8_0, _AFFINE(8)),
+              T.MXFP4: (_mxfp4, {"group_size": 32, "bits": 4, "mode": "mxfp4"})}  # -> MLX's arrays, quantization
 _DEQUANT = {T.Q5_0: _q5_0, T.Q5_1: _q5_1, T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k,
             T.Q6_K: _q6_k}  # blocks (n, bytes) -> float32 (n, block size)
 _FLOATS = {T.F32: mx.float32, T.F16: mx.float16, T.BF16: mx.bfloat16}
@@ -359,11 +375,11 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
     head_dim = int(g("attention.key_length", hidden // n_heads))
     embed = shapes.get("token_embd.weight")
     experts = int(g("expert_count", 0))
-    model_type = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}.get(arch, arch)
+    model_type = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}.get(arch, arch)
     if arch == "llama" and experts:
         model_type = "mixtral"
-    elif arch == "qwen3moe" and not experts:
-        raise FlashError(f"{path}: the GGUF metadata lacks qwen3moe.expert_count")
+    elif arch in ("qwen3moe", "gpt-oss") and not experts:
+        raise FlashError(f"{path}: the GGUF metadata lacks {arch}.expert_count")
     config = {
         "model_type": model_type,
         "hidden_size": hidden,
@@ -384,7 +400,7 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
         config["head_dim"] = head_dim
     if arch == "qwen2" and head_dim * n_heads != hidden:
         raise FlashError(f"{path}: a qwen2 GGUF whose head size is not hidden / heads is not supported")
-    if arch in ("qwen3", "qwen3moe"):
+    if arch in ("qwen3", "qwen3moe", "gpt-oss"):
         config["head_dim"] = head_dim
     if experts:
         if f"{arch}.expert_used_count" not in meta:
@@ -392,6 +408,13 @@ def _config(arch: str, meta: dict, shapes: dict, path: Path) -> dict:
         top_k = int(g("expert_used_count"))
         if model_type == "mixtral":
             config.update(num_local_experts=experts, num_experts_per_tok=top_k)
+        elif model_type == "gpt_oss":  # llama.cpp's: sliding-window attention in the even layers
+            if f"{arch}.attention.sliding_window" not in meta:
+                raise FlashError(f"{path}: the GGUF metadata lacks {arch}.attention.sliding_window")
+            config.update(num_local_experts=experts, num_experts_per_tok=top_k,
+                          intermediate_size=int(g("expert_feed_forward_length", config["intermediate_size"])),
+                          sliding_window=int(g("attention.sliding_window")),
+                          layer_types=["sliding_attention" if l % 2 == 0 else "full_attention" for l in range(n_layers)])
         else:  # every layer routes (llama.cpp's qwen3moe has no dense layers)
             config.update(num_experts=experts, num_experts_per_tok=top_k, decoder_sparse_step=1, mlp_only_layers=[],
                           moe_intermediate_size=int(g("expert_feed_forward_length", config["intermediate_size"])),
@@ -444,6 +467,8 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
             w = _tensor(buf, name, kind, shape, offset)
         except ValueError as e:
             raise FlashError(f"cannot read GGUF file {path}: {e}")
+        if key.endswith(".sinks.weight"):  # gpt-oss's attention sinks: llama.cpp names them with .weight
+            key = key.removesuffix(".weight")
         module, _, suffix = key.rpartition(".")
         parts = dict(zip(("weight", "scales", "biases"), w)) if isinstance(w, tuple) else {suffix: w}
         for part, v in parts.items():
@@ -455,12 +480,12 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
                 v = v - 1  # llama.cpp stores Gemma's 1 + w
             out[f"{module}.{part}"] = v
         if isinstance(w, tuple):
-            quant[module] = {"group_size": GGUF_GROUP_SIZE, "bits": _QUANTIZED[T(kind)][1]}
+            quant[module] = _QUANTIZED[T(kind)][1]
     if quant:
-        # mlx-lm's convention: a default plus per-module overrides
-        bits = max(set(q["bits"] for q in quant.values()), key=[q["bits"] for q in quant.values()].count)
-        config["quantization"] = {"group_size": GGUF_GROUP_SIZE, "bits": bits}
-        config["quantization"].update({m: q for m, q in quant.items() if q["bits"] != bits})
+        # mlx-lm's convention: a default (the most common) plus per-module overrides
+        kinds = [tuple(sorted(q.items())) for q in quant.values()]
+        default = dict(max(set(kinds), key=kinds.count))
+        config["quantization"] = {**default, **{m: q for m, q in quant.items() if q != default}}
 
     def number(key):
         v = meta.get(key)

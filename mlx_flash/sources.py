@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from .errors import FlashError
 from .format import CONFIG_FILE
@@ -199,13 +200,15 @@ def read_source(model: str) -> Source:
     return Source(model, config, weights, path, [Path(f) for f in files])
 
 
+EXPERT_MODES = ("mxfp4",)  # MLX quantization modes read for routed experts (gpt-oss's), besides affine
+
+
 def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optional[dict]):
     """Make quantized exactly the modules whose weights arrive quantized (mlx-lm's config convention:
-    a default {"group_size", "bits"} plus per-module overrides, and the modules stored (in, out))."""
+    a default {"group_size", "bits"[, "mode"]} plus per-module overrides, and the modules stored (in, out)).
+    Modes other than affine are read for routed experts only (mlx-lm's SwitchLinear: gpt-oss's mxfp4)."""
     if not quant:
         return
-    if quant.get("mode", "affine") != "affine":
-        raise FlashError(f"quantization mode '{quant['mode']}' is not supported (supported: affine, mlx-lm's default)")
     try:
         in_out_like(model, weights, quant)
     except ValueError as e:
@@ -215,7 +218,13 @@ def quantize_like(model: nn.Module, weights: Dict[str, mx.array], quant: Optiona
         if f"{path}.scales" not in weights or not hasattr(module, "to_quantized"):
             return False
         q = quant.get(path, quant)
-        return {"group_size": q["group_size"], "bits": q["bits"]}
+        mode = q.get("mode", quant.get("mode", "affine"))
+        if mode == "affine":
+            return {"group_size": q["group_size"], "bits": q["bits"]}
+        if mode not in EXPERT_MODES or not isinstance(module, SwitchLinear):
+            raise FlashError(f"quantization mode '{mode}' of {path} is not supported (supported: affine, mlx-lm's "
+                             f"default, and {', '.join(EXPERT_MODES)} for routed experts)")
+        return {"group_size": q["group_size"], "bits": q["bits"], "mode": mode}
 
     nn.quantize(model, class_predicate=predicate)
 

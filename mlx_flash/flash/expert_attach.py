@@ -162,7 +162,7 @@ def slot_glu(glu: nn.Module, buffer: NeuronBuffer, store: ExpertStore) -> nn.Mod
     for proj in ("gate_proj", "up_proj", "down_proj"):
         lin = getattr(glu, proj)
         if q is not None and not isinstance(lin, QuantizedSwitchLinear):
-            lin = lin.to_quantized(q["group_size"], q["bits"])  # lazy: its random weights are never computed
+            lin = lin.to_quantized(q["group_size"], q["bits"], mode=q.get("mode", "affine"))  # lazy: never computed
             setattr(glu, proj, lin)
         for part in ("weight", "scales", "biases", "bias"):
             if f"{proj}.{part}" in arrays:
