@@ -18,13 +18,13 @@ A token is one trip through the ranks: they take turns, they do not overlap (one
 second machine buys is memory and SSD bandwidth: each rank holds and reads only its own layers.
 
 Faults: a peer that exits closes its sockets, and the next distributed operation raises at once; a
-peer that stops answering without closing them is caught by a watchdog (--pipeline-timeout). Either
-way the rank prints one line naming the rank and exits non-zero (mlx_flash.launch stops the rest).
+peer that stops answering without closing them is caught by a watchdog process (mlx_flash.watchdog,
+--pipeline-timeout). Either way the rank prints one line naming the rank and exits non-zero
+(mlx_flash.launch stops the rest).
 """
 
 import os
 import sys
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -46,9 +46,9 @@ from .models.architectures import architecture
 from .sources import instantiate, load_tokenizer, quantize_like
 from .split import is_tied, layer_ranges, owns, rank_folder
 from .system import release_pages
+from .watchdog import Watchdog
 
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for a peer (a whole prompt chunk of the ranks before it fits)
-EXIT_PEER = 3  # exit status of a rank that lost a peer
 
 
 class PassThrough(nn.Module):
@@ -100,22 +100,13 @@ class Link:
         self.pending: List[mx.array] = []
         self.recv_s = self.send_s = self.token_s = 0.0  # waits: for activations, for a send, for the token
         self.bytes_sent = self.bytes_received = 0
-        self._deadline, self._what = None, ""
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def _watch(self):
-        while True:
-            time.sleep(0.1)
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
-                print(f"error: rank {self.rank}: {self._what}: no answer within {self.timeout:g} s "
-                      f"(--pipeline-timeout): it stopped or cannot be reached", file=sys.stderr, flush=True)
-                os._exit(EXIT_PEER)  # the main thread is blocked inside MLX: nothing else would end it
+        self.watchdog = Watchdog()
 
     @contextmanager
     def waiting(self, what: str, peer: Optional[int]):
-        """Within: a distributed operation with `peer` (None: any rank) that the watchdog times."""
-        self._what, self._deadline = what, time.monotonic() + self.timeout
+        """Within: a distributed operation with `peer` (None: any rank), watched by the watchdog."""
+        self.watchdog.arm(self.timeout, f"error: rank {self.rank}: {what}: no answer within {self.timeout:g} s "
+                                        f"(--pipeline-timeout): it stopped or cannot be reached")
         try:
             yield
         except RuntimeError as e:  # the ring backend's "connection to a peer was lost"
@@ -123,7 +114,7 @@ class Link:
             raise FlashError(f"rank {self.rank}: {what}: lost the connection to {who} (it stopped or cannot be "
                              f"reached): {str(e).splitlines()[0]}") from None
         finally:
-            self._deadline = None
+            self.watchdog.disarm()
 
     def other(self) -> Optional[int]:
         return 1 - self.rank if self.size == 2 else None
@@ -155,7 +146,7 @@ class Link:
         """The last rank's sampled token, on every rank."""
         mine = token.astype(mx.int32) if token is not None else mx.zeros((1,), mx.int32)
         t = time.perf_counter()
-        with self.waiting("waiting for the next token" if not self.last else "passing the token on",
+        with self.waiting(f"waiting for rank {self.size - 1}'s next token" if not self.last else "passing the token on",
                           self.other() if self.size == 2 else None):
             out = mx.distributed.all_sum(mine, group=self.group).item()
         self.token_s += time.perf_counter() - t
