@@ -146,8 +146,8 @@ class Link:
         """The last rank's sampled token, on every rank."""
         mine = token.astype(mx.int32) if token is not None else mx.zeros((1,), mx.int32)
         t = time.perf_counter()
-        with self.waiting(f"waiting for rank {self.size - 1}'s next token" if not self.last else "passing the token on",
-                          self.other() if self.size == 2 else None):
+        what = f"waiting for rank {self.size - 1}'s next token" if not self.last else "passing the token on"
+        with self.waiting(what, self.other()):
             out = mx.distributed.all_sum(mine, group=self.group).item()
         self.token_s += time.perf_counter() - t
         self.bytes_sent += mine.nbytes if self.last else 0
@@ -303,6 +303,12 @@ def step(model, cache, mine: List, ids: List[int], link: Optional[Link], logits:
     return None
 
 
+def prefill_chunk(model) -> int:
+    """Prompt tokens per forward pass, as generate.stream chooses them."""
+    plan = getattr(model, "flash_plan", None)
+    return plan.prefill_step if plan is not None else UNBUDGETED_PREFILL_STEP
+
+
 def generate_tokens(model, prompt: List[int], max_tokens: int, sampler, prefill_step: int,
                     link: Optional[Link] = None, layers: Optional[Tuple[int, int]] = None,
                     eos=()) -> Iterator[Tuple[int, Optional[mx.array]]]:
@@ -439,8 +445,7 @@ def generate_main(args, options: dict, prompt_of):
     if args.seed is not None:
         mx.random.seed(args.seed)
     sampler = make_sampler(temp=args.temp, top_p=args.top_p)
-    plan = getattr(model, "flash_plan", None)
-    chunk = plan.prefill_step if plan is not None else UNBUDGETED_PREFILL_STEP
+    chunk = prefill_chunk(model)
     if getattr(model, "flash_stats", None) is not None:
         model.flash_stats.reset()
     detok = tokenizer.detokenizer
