@@ -30,13 +30,36 @@ from .sparsity import dequantize
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def expert_matrix(lin: nn.Module, e: int) -> np.ndarray:
+NUMPY_DTYPES = (mx.float16, mx.float32, mx.uint32, mx.uint8)  # MLX arrays numpy views without a copy
+
+
+class Stacked:
+    """A SwitchLinear's or QuantizedSwitchLinear's stacked parameters (experts, ...), as numpy views of the
+    same memory where numpy has the dtype (bfloat16 has none: those are sliced by MLX, expert by expert)."""
+
+    def __init__(self, lin: nn.Module):
+        self.lin = lin
+        self.np = {k: np.asarray(v) for k, v in lin.items() if isinstance(v, mx.array) and v.dtype in NUMPY_DTYPES}
+
+    def float32(self, part: str, e: int) -> np.ndarray:
+        """Expert e's slice of parameter `part`, float32."""
+        v = self.np.get(part)
+        return v[e].astype(np.float32) if v is not None else np.asarray(self.lin[part][e].astype(mx.float32))
+
+    def raw(self, part: str, e: int):
+        v = self.np.get(part)
+        return v[e] if v is not None else self.lin[part][e]
+
+
+def expert_matrix(lin: nn.Module, e: int, stacked: "Stacked" = None) -> np.ndarray:
     """Expert e's (out, in) weight of a SwitchLinear or QuantizedSwitchLinear, float32 numpy."""
+    st = stacked or Stacked(lin)
     if "scales" not in lin:
-        return np.asarray(lin.weight[e].astype(mx.float32))
+        return st.float32("weight", e)
     mode = getattr(lin, "mode", "affine")
     if mode == "affine":
-        return dequantize(lin.weight[e], lin.scales[e], lin.biases[e], lin.group_size, lin.bits)
+        return dequantize(st.raw("weight", e), st.float32("scales", e), st.float32("biases", e), lin.group_size,
+                          lin.bits)
     # another of MLX's modes (gpt-oss's mxfp4): no biases, MLX dequantizes
     return np.asarray(mx.dequantize(lin.weight[e], lin.scales[e], None, lin.group_size, lin.bits, mode=mode)
                       .astype(mx.float32))
@@ -105,20 +128,20 @@ def _expert_pairs(glu: nn.Module, x: np.ndarray, tokens: np.ndarray, experts: np
     order = np.argsort(experts, kind="stable")
     ranked = experts[order]
     cuts = np.flatnonzero(np.diff(ranked)) + 1
+    gate, up, down = (getattr(glu, p) for p in PROJECTIONS)
+    sg, su, sd = (Stacked(lin) for lin in (gate, up, down))
     for run in np.split(order, cuts) if len(order) else []:
         e = int(experts[run[0]])
         xe = x[tokens[run]]  # (m, d_model)
-        gate, up = (getattr(glu, p) for p in PROJECTIONS[:2])
-        g, u = xe @ expert_matrix(gate, e).T, xe @ expert_matrix(up, e).T  # (m, d_ff)
+        g, u = xe @ expert_matrix(gate, e, sg).T, xe @ expert_matrix(up, e, su).T  # (m, d_ff)
         if "bias" in gate:
-            g += np.asarray(gate.bias[e].astype(mx.float32))
+            g += sg.float32("bias", e)
         if "bias" in up:
-            u += np.asarray(up.bias[e].astype(mx.float32))
+            u += su.float32("bias", e)
         h = activation(glu.activation, u, g)
-        down = glu.down_proj
-        y = h @ expert_matrix(down, e).T  # (m, d_model)
+        y = h @ expert_matrix(down, e, sd).T  # (m, d_model)
         if "bias" in down:
-            y += np.asarray(down.bias[e].astype(mx.float32))
+            y += sd.float32("bias", e)
         out[run] = y
     return out
 

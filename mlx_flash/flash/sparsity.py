@@ -209,11 +209,11 @@ def _hidden_numpy(spec, g: Optional[np.ndarray], u: np.ndarray) -> np.ndarray:
 
 
 def dequantize(q: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> np.ndarray:
-    """MLX's affine dequantize, as a float32 numpy array: 4 and 8 bits unpacked by numpy from the packed
-    bytes (little-endian, the first element in the low bits; faster than MLX's CPU dequantize, and
-    equal to it: tests/test_prompt.py), other widths by MLX."""
+    """MLX's affine dequantize of MLX or numpy arrays, as a float32 numpy array: 4 and 8 bits unpacked by
+    numpy from the packed bytes (little-endian, the first element in the low bits; faster than MLX's CPU
+    dequantize, and equal to it: tests/test_prompt.py), other widths by MLX."""
     if bits not in (4, 8):
-        return np.asarray(mx.dequantize(q, scales.astype(mx.float32), biases.astype(mx.float32),
+        return np.asarray(mx.dequantize(mx.array(q), mx.array(_float32(scales)), mx.array(_float32(biases)),
                                         group_size=group_size, bits=bits))
     b = np.asarray(q).view(np.uint8)  # (n, d * bits / 8)
     n = b.shape[0]
@@ -224,9 +224,14 @@ def dequantize(q: mx.array, scales: mx.array, biases: mx.array, group_size: int,
         w[:, 0::2] = b & 0x0F
         w[:, 1::2] = b >> 4
     w = w.reshape(n, -1, group_size)  # (n, groups, group_size)
-    w *= np.asarray(scales.astype(mx.float32))[:, :, None]
-    w += np.asarray(biases.astype(mx.float32))[:, :, None]
+    w *= _float32(scales)[:, :, None]
+    w += _float32(biases)[:, :, None]
     return w.reshape(n, -1)
+
+
+def _float32(a) -> np.ndarray:
+    """An MLX or numpy array as float32 numpy."""
+    return a.astype(np.float32, copy=False) if isinstance(a, np.ndarray) else np.asarray(a.astype(mx.float32))
 
 
 def float_rows(ffn, name: str, rows: slice) -> np.ndarray:
