@@ -216,7 +216,7 @@ def setup_arg_parser():
     p.add_argument("--system-prompt", default=None, help="system message when --chat is given")
     p.add_argument("--pipeline", action="store_true",
                    help="this is one rank of a model split over several machines (mlx_flash.split): start every rank "
-                        "with python -m mlx_flash.launch -n N -- generate ... --pipeline (mlx_flash.pipeline)")
+                        "with python -m mlx_flash.launch --ranks N -- generate ... --pipeline (mlx_flash.pipeline)")
     p.add_argument("--pipeline-timeout", type=float, default=None,
                    help="--pipeline: seconds to wait for another rank before giving up on it (default: 300)")
     return p

@@ -1,9 +1,9 @@
 """Start every rank of a pipeline (mlx_flash.pipeline) with MLX's own launcher, and say when one fails.
 
-    python -m mlx_flash.launch -n 2 -- generate --model models/opt-6.7b --mode flash --pipeline -p "Hi"
+    python -m mlx_flash.launch --ranks 2 -- generate --model models/opt-6.7b --mode flash --pipeline -p "Hi"
     python -m mlx_flash.launch --hosts 10.0.0.1,10.0.0.2 -- generate --model models/opt-6.7b --pipeline
 
-`-n N` runs N ranks on this machine; `--hosts` one per host, over ssh (the same folder layout on each,
+`--ranks N` runs N ranks on this machine; `--hosts` one per host, over ssh (the same folder layout on each,
 every host holding its own rank's folder). The command after `--` is an mlx_flash command (generate,
 server) or a script. This is `mlx.launch --backend ring` (mlx.launch's own flags pass through after
 --launch-args), with what it leaves out: its exit status is 0 even when a rank failed, so this one
@@ -32,7 +32,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def launch_command(args, command) -> list:
     if not command:
-        raise FlashError("no command to run: python -m mlx_flash.launch -n 2 -- generate --model DIR --pipeline ...")
+        raise FlashError("no command to run: python -m mlx_flash.launch --ranks 2 -- generate --model DIR --pipeline ...")
     if command[0] in COMMANDS:
         command = ["-m", f"mlx_flash.{command[0]}", *command[1:]]
     hosts = ["--hosts", args.hosts] if args.hosts else ["-n", str(args.n)]
@@ -101,9 +101,9 @@ def run(args, command) -> int:
 
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Run an mlx_flash command on every rank of a pipeline (mlx.launch).",
-                                usage="python -m mlx_flash.launch (-n N | --hosts A,B) -- COMMAND [ARGS ...]")
+                                usage="python -m mlx_flash.launch (--ranks N | --hosts A,B) -- COMMAND [ARGS ...]")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("-n", type=int, help="ranks on this machine")
+    where.add_argument("--ranks", dest="n", type=int, help="ranks on this machine (mlx.launch's -n)")
     where.add_argument("--hosts", help="comma-separated IPs, one rank per host (ssh, same paths on each)")
     p.add_argument("--backend", default="ring", help="mx.distributed backend (default: ring, over TCP)")
     p.add_argument("--python", default=None, help="the interpreter on the hosts (default: this one)")
@@ -117,7 +117,7 @@ def main(argv=None):
     cut = argv.index("--") if "--" in argv else len(argv)
     args = setup_arg_parser().parse_args(argv[:cut])
     if args.n is not None and args.n < 1:
-        raise FlashError("-n must be at least 1")
+        raise FlashError("--ranks must be at least 1")
     sys.exit(run(args, argv[cut + 1 :]))
 
 

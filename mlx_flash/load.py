@@ -149,7 +149,7 @@ def load_flash(folder, mode: str = "dense", **flash_options):
     if cfg.pipeline:  # one rank's layers of a split (mlx_flash.split)
         p = cfg.pipeline
         raise FlashError(f"{folder} holds rank {p['rank']} of {p['ranks']}'s layers only: run all ranks with python -m "
-                         f"mlx_flash.launch -n {p['ranks']} -- generate --model {str(folder).rsplit('-rank', 1)[0]} "
+                         f"mlx_flash.launch --ranks {p['ranks']} -- generate --model {str(folder).rsplit('-rank', 1)[0]} "
                          f"--mode {mode} --pipeline")
     cfg.check_files(folder)
     model, down_bias = load_resident(folder, cfg)

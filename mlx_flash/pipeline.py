@@ -1,7 +1,7 @@
 """Pipeline parallelism: a flash model's layers over several machines, with MLX's `mx.distributed`.
 
     python -m mlx_flash.split --model models/opt-6.7b --shards 2          # one folder per rank
-    python -m mlx_flash.launch -n 2 -- generate --model models/opt-6.7b --mode flash --pipeline
+    python -m mlx_flash.launch --ranks 2 -- generate --model models/opt-6.7b --mode flash --pipeline
     python -m mlx_flash.launch --hosts 10.0.0.1,10.0.0.2 -- generate ... --pipeline   (mlx.launch's ring)
 
 Rank r of N holds a contiguous run of layers (mlx_flash.split), their KV cache, and runs their FFNs
@@ -167,7 +167,7 @@ def start(timeout: float = DEFAULT_TIMEOUT) -> Link:
         raise FlashError("--pipeline-timeout must be positive")
     group = mx.distributed.init()
     if group.size() < 2:
-        raise FlashError("--pipeline needs several ranks: start it with python -m mlx_flash.launch -n 2 -- "
+        raise FlashError("--pipeline needs several ranks: start it with python -m mlx_flash.launch --ranks 2 -- "
                          "generate ... --pipeline (or mlx.launch)")
     return Link(group, timeout)
 

@@ -157,7 +157,7 @@ def split(model, ranks: int, out_prefix=None, quiet: bool = False) -> List[Path]
 def setup_arg_parser():
     p = argparse.ArgumentParser(description="Split a flash model folder into one folder per pipeline rank.")
     p.add_argument("--model", "-M", required=True, help="a converted (and calibrated) flash model folder")
-    p.add_argument("--shards", "-n", type=int, required=True, help="ranks (machines) of the pipeline")
+    p.add_argument("--shards", type=int, required=True, help="ranks (machines) of the pipeline")
     p.add_argument("--out", "-o", default=None,
                    help="prefix of the rank folders (default: the model folder): <out>-rank<r>-of-<N>")
     return p

@@ -40,7 +40,7 @@ def stopped(pid: int) -> bool:
     return state.strip().startswith("T")
 
 
-def main(parent: int):
+def watch(parent: int):
     deadline, message, pending = None, "", b""
     while True:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -66,4 +66,4 @@ def main(parent: int):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    watch(int(sys.argv[1]))

@@ -1,6 +1,6 @@
 """One rank of a pipeline test (tests/test_pipeline.py starts every rank with mlx_flash.launch).
 
-    python -m mlx_flash.launch -n 2 -- tests/pipeline_rank.py MODEL OUT PROMPT_IDS N MODE[,MODE] [KEY=VALUE ...]
+    python -m mlx_flash.launch --ranks 2 -- tests/pipeline_rank.py MODEL OUT PROMPT_IDS N MODE[,MODE] [KEY=VALUE ...]
 
 For each mode, loads this rank's folder of MODEL, greedily generates N tokens after the prompt and
 writes OUT/rank<r>-<mode>.npz: the tokens, the last rank's logits, and the bytes its reader read

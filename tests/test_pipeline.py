@@ -49,7 +49,7 @@ def split_models(tmp_path_factory):
 
 
 def launch(*command, timeout=120, **kw):
-    return subprocess.run([sys.executable, "-m", "mlx_flash.launch", "-n", "2", "--", *command], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mlx_flash.launch", "--ranks", "2", "--", *command], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
 
 
@@ -143,7 +143,7 @@ def test_a_dead_or_silent_rank_ends_the_run_in_one_line(split_models, sig, tmp_p
     _, prefix = split_models["opt"]
     err = tmp_path / "err.txt"
     with open(err, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", "mlx_flash.launch", "-n", "2", "--", "generate", "--model",
+        p = subprocess.Popen([sys.executable, "-m", "mlx_flash.launch", "--ranks", "2", "--", "generate", "--model",
                               str(prefix), "--pipeline", "-m", "100000", "--pipeline-timeout", "2"], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=f, stdin=subprocess.DEVNULL)
     try:

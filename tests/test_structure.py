@@ -15,7 +15,7 @@ PACKAGE = Path(mlx_flash.__file__).parent
 
 # lowest first; a module not listed here fails the test, so a new one gets a place on purpose
 LAYERS = [
-    {"mlx_flash", "mlx_flash.errors", "mlx_flash.sizes"},
+    {"mlx_flash", "mlx_flash.errors", "mlx_flash.sizes", "mlx_flash.watchdog"},
     {"mlx_flash.format", "mlx_flash.system", "mlx_flash.expert_format"},
     {"mlx_flash.models", "mlx_flash.models.ffn", "mlx_flash.models.architectures", "mlx_flash.models.opt",
      "mlx_flash.models.in_out"},
@@ -24,11 +24,12 @@ LAYERS = [
      "mlx_flash.flash.bundle_reader", "mlx_flash.flash.budget", "mlx_flash.flash.ffn", "mlx_flash.flash.attach",
      "mlx_flash.flash.prefetch", "mlx_flash.flash.outliers", "mlx_flash.flash.expert_cache",
      "mlx_flash.flash.experts", "mlx_flash.flash.expert_attach", "mlx_flash.flash.prompt", "mlx_flash.flash.prefill",
-     "mlx_flash.flash.expert_prompt"},
+     "mlx_flash.flash.expert_prompt", "mlx_flash.flash.expert_numpy"},
     {"mlx_flash.load", "mlx_flash.conversation"},
     {"mlx_flash.baselines"},
     {"mlx_flash.convert", "mlx_flash.convert_experts", "mlx_flash.train_predictors", "mlx_flash.calibrate",
-     "mlx_flash.evaluate", "mlx_flash.generate", "mlx_flash.server", "mlx_flash.prepare"},
+     "mlx_flash.evaluate", "mlx_flash.generate", "mlx_flash.server", "mlx_flash.prepare", "mlx_flash.split",
+     "mlx_flash.pipeline", "mlx_flash.launch"},
     {"mlx_flash.bench", "mlx_flash.bench.__main__", "mlx_flash.bench.rows", "mlx_flash.bench.report",
      "mlx_flash.bench.cgroup", "mlx_flash.bench.scale", "mlx_flash.bench.synthetic",
      "mlx_flash.bench.same_budget", "mlx_flash.bench.probe", "mlx_flash.bench.windowing", "mlx_flash.bench.matmul",
