@@ -40,12 +40,10 @@ Columns as the same-budget table: ms per token (median over every timed token of
 I/O, exposed I/O, memory management, compute (the rest: MLX and Python), experts read per token, hit
 rate, read GB/s against the in-run probe (random direct reads of one extent, 8 and 32 threads), peak.
 
-Prompt rows (not run by default): flash mode at the same budget, cold slots, one prompt of
-`--prompt-tokens` tokens, its time to the first logits, run as generate runs it (all but the last token
-in one chunk through flash.prefill: numpy's matmuls on MLX's CPU backend; then the last token):
-`prompt-groups` in groups of tokens whose experts fit the slots (--prompt-mode window), `prompt-pass` as
-one pass over each layer's experts (--prompt-mode pass, flash/expert_prompt.py); experts and MB read
-(the last token's included), I/O and its exposed part, disk bytes.
+Prompt rows (not run by default; bench/moe_prompt.py): flash mode at the same budget, cold slots, one
+prompt of `--prompt-tokens` tokens to its first logits, run as generate runs it: `prompt-groups` in groups
+of tokens whose experts fit the slots (--prompt-mode window), `prompt-pass` as one pass over each layer's
+experts (--prompt-mode pass, flash/expert_prompt.py).
 """
 
 import argparse
@@ -72,10 +70,10 @@ from ..format import PAGE, RESIDENT_FILE, round_up
 from ..models.architectures import architecture, moe_blocks
 from ..sizes import parse_budget
 from ..system import MappedBundles, direct_read_method, disk_read_bytes, drop_cache, open_direct
+from .moe_prompt import PROMPT_ROWS, prompt_row, prompt_table, summarize_prompt
 
 ROWS = ("naive", "pagecache", "flash", "flash+lookahead")
 FLASH_ROWS = ("flash", "flash+lookahead")
-PROMPT_ROWS = {"prompt-groups": "window", "prompt-pass": "pass"}  # row -> flash mode's --prompt-mode
 THREADS = 32
 SLACK = 64 << 20  # cgroup limit beyond budget + baseline: Python objects and thread stacks, which no plan counts
 CONTEXT = 64  # tokens of KV cache every row reserves
@@ -404,7 +402,11 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
     if row in PROMPT_ROWS:
-        return prompt_row(row, model, cache, stats, plan, store, args, cg, base, routing, seed)
+        res = prompt_row(model, cache, stats, store.model_config["vocab_size"], args, seed, plan["prefill_step"])
+        model.flash_reader.close()
+        peak_cg = _cgroup_value(cg, "memory.max_usage_in_bytes")
+        return {"row": row, **res, "plan": plan, "peak_mlx_bytes": mx.get_peak_memory(),
+                "peak_cgroup_bytes": None if cg is None else peak_cg - base, "routing": routing.summary()}
     ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], PROMPT_TOKENS + 1)
     mx.eval(model(mx.array(ids[:PROMPT_TOKENS])[None], cache=cache))
     token = mx.array([[int(ids[-1])]])
@@ -431,26 +433,6 @@ def run_row(row: str, folder: Path, args, budget: int, cg: Optional[Path], seed:
     return {"row": row, "ms_tokens": times, "stats": snap, "plan": plan, "disk_bytes_per_token": disk / args.tokens,
             "peak_mlx_bytes": mx.get_peak_memory(), "peak_cgroup_bytes": None if cg is None else peak_cg - base,
             "cgroup_failcnt": _cgroup_value(cg, "memory.failcnt"), "routing": routing.summary()}
-
-
-def prompt_row(row: str, model, cache, stats, plan: dict, store: ExpertStore, args, cg, base, routing, seed) -> dict:
-    """A prompt row's one measurement: a prompt of --prompt-tokens from cold slots, to its first logits, run
-    as generate runs it: all but the last token through flash.prefill (numpy's matmuls on MLX's CPU backend),
-    in one chunk, then the last token."""
-    from ..flash.prefill import prefill
-
-    ids = np.random.default_rng(seed).integers(0, store.model_config["vocab_size"], args.prompt_tokens).tolist()
-    disk0, t0 = disk_read_bytes(), time.perf_counter()
-    prefill(model, cache, ids[:-1], plan["prefill_step"])
-    mx.eval(model(mx.array(ids[-1:])[None], cache=cache))
-    ms = 1000 * (time.perf_counter() - t0)
-    disk = disk_read_bytes() - disk0
-    snap = stats.snapshot()
-    model.flash_reader.close()
-    peak_cg = _cgroup_value(cg, "memory.max_usage_in_bytes")
-    return {"row": row, "ms_prompt": ms, "stats": snap, "plan": plan, "disk_bytes": disk,
-            "peak_mlx_bytes": mx.get_peak_memory(), "peak_cgroup_bytes": None if cg is None else peak_cg - base,
-            "routing": routing.summary()}
 
 
 # MARK: - the parent: the synthetic model, the probe, the rows in their cgroups
@@ -524,30 +506,6 @@ def spawn_row(row: str, args, folder: Path, budget: int, seed: int, cgroup: bool
                 cg.rmdir()
             except OSError:
                 pass
-
-
-def summarize_prompt(runs: List[dict], budget: int, slack: int) -> dict:
-    """A prompt row's medians over its repetitions."""
-    ok = [r for r in runs if "ms_prompt" in r]
-    if not ok:
-        return {"fits": False, "reason": runs[0].get("reason", "failed")}
-    med = lambda f: float(np.median([f(r) for r in ok]))
-    # the prompt's last token runs as a decode step (generate's path): its reads are counted with the prompt's
-    both = lambda prompt, decode: med(lambda r: r["stats"][prompt] + r["stats"][decode] * r["stats"]["decode_tokens"])
-    s = {"ms_prompt": med(lambda r: r["ms_prompt"]), "ms_prompt_runs": [r["ms_prompt"] for r in ok],
-         "experts_read": both("prompt_experts_read", "experts_read_per_token"),
-         "mb_read": both("prompt_bytes_read", "bytes_read_per_token") / 1e6,
-         "disk_mb": med(lambda r: r["disk_bytes"]) / 1e6, "ms_io": both("prompt_ms_io", "ms_io"),
-         "ms_io_exposed": both("prompt_ms_io_exposed", "ms_io_exposed"),
-         "passes": ok[0]["stats"]["prompt_passes"], "groups": ok[0]["stats"]["prompt_groups"],
-         "slots": ok[0]["plan"]["slots"], "planned_bytes": ok[0]["plan"]["total"],
-         "peak_mlx_bytes": max(r["peak_mlx_bytes"] for r in ok),
-         "peak_cgroup_bytes": None if ok[0]["peak_cgroup_bytes"] is None else max(r["peak_cgroup_bytes"] for r in ok),
-         "repeats": len(ok), "routing": ok[0]["routing"]}
-    peak = s["peak_cgroup_bytes"] if s["peak_cgroup_bytes"] is not None else s["peak_mlx_bytes"]
-    s["fits"] = len(ok) == len(runs) and s["planned_bytes"] <= budget and \
-        peak <= budget + (slack if s["peak_cgroup_bytes"] is not None else 0)
-    return s
 
 
 def summarize(runs: List[dict], budget: int, slack: int) -> dict:
@@ -656,21 +614,7 @@ def report(out: dict) -> str:
                  f"{s['prefetch_wasted_mb_per_token']:.1f}" if row == "flash+lookahead" else "-",
                  gb(s["planned_bytes"]), gb(peak), "yes" if s["fits"] else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
-    prompts = {row: s for row, s in out["summary"].items() if row in PROMPT_ROWS}
-    if prompts:
-        head = ["prompt row (synthetic)", f"ms for {out.get('prompt_tokens')} tokens", "experts read", "MB read",
-                "I/O ms", "exposed I/O ms", "disk MB", "layers as pass / groups", "slots", "planned GB", "peak GB",
-                "fits"]
-        lines += ["", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-        for row, s in prompts.items():
-            if "ms_prompt" not in s:
-                lines.append(f"| {row} | does not fit: {s['reason']} |")
-                continue
-            peak = s["peak_cgroup_bytes"] if s["peak_cgroup_bytes"] is not None else s["peak_mlx_bytes"]
-            cells = [row, f"{s['ms_prompt']:.0f}", f"{s['experts_read']:.0f}", f"{s['mb_read']:.1f}", f"{s['ms_io']:.0f}",
-                     f"{s['ms_io_exposed']:.0f}", f"{s['disk_mb']:.1f}", f"{s['passes']} / {s['groups']}",
-                     str(s["slots"]), gb(s["planned_bytes"]), gb(peak), "yes" if s["fits"] else "NO"]
-            lines.append("| " + " | ".join(cells) + " |")
+    lines += prompt_table(out)
     lines += ["", f"beside: {FLASH_MOE} (their machine, not this one)"]
     return "\n".join(lines)
 
