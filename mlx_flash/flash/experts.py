@@ -15,7 +15,8 @@ A prompt (several tokens) is cut into groups of consecutive tokens whose experts
 group one window step, evaluated before the next group's reads refill its slots: the output equals
 the dense MoE's whatever the slots (at least top-k). Or it is one pass over the prompt's experts, each
 read once in expert order (flash/expert_prompt.py): `prompt_mode` "auto" takes, per layer and prompt,
-the one predicted to read fewer experts.
+the one predicted to read fewer experts. Within flash.prefill on MLX's CPU backend, `glu` is a
+NumpySwitchGLU (flash/expert_numpy.py): a prompt's experts multiply in numpy, decoding's in MLX.
 
 Lookahead (flash.prefetch, as for neurons): the experts that layer l+1's router picks from layer l's
 input are read in the background while layer l computes; layer l+1 takes the ones it needs (hits)
