@@ -117,7 +117,8 @@ def split(model, ranks: int, out_prefix=None, quiet: bool = False) -> List[Path]
         raise FlashError(f"{src} is already rank {cfg.pipeline['rank']} of a {cfg.pipeline['ranks']}-rank split")
     ranges = layer_ranges(cfg.n_layers, ranks)
     weights = mx.load(str(src / RESIDENT_FILE))  # lazy: each tensor is read when saved
-    predictors = mx.load(str(src / cfg.predictors["file"])) if cfg.predictors else {}
+    pfile = (cfg.predictors or {}).get("file")  # none: predictors given at load (the synthetic benchmark's)
+    predictors = mx.load(str(src / pfile)) if pfile else {}
     tied = is_tied(weights)
     data = np.memmap(src / BUNDLES_FILE, dtype=np.uint8, mode="r")
     outs = []
@@ -136,14 +137,14 @@ def split(model, ranks: int, out_prefix=None, quiet: bool = False) -> List[Path]
                 f.write(data[cfg.layers[l]["offset"] : cfg.layers[l]["offset"] + info["nbytes"]])
             f.truncate(rcfg.file_size)
         mx.save_safetensors(str(tmp / RESIDENT_FILE), mine, metadata={"format": "mlx-flash"})
-        if cfg.predictors:
+        if pfile:
             renamed = {}
             for k, v in predictors.items():  # "<l>.up.weight" or "lookahead.<l>.up.weight"
                 head, l, rest = re.match(r"(\D*)(\d+)\.(.*)", k).groups()
                 l = int(l)
                 if start <= l < end and not (head and l == start):
                     renamed[f"{head}{l - start}.{rest}"] = v
-            mx.save_safetensors(str(tmp / cfg.predictors["file"]), renamed)
+            mx.save_safetensors(str(tmp / pfile), renamed)
         copy_tokenizer(src, tmp)
         rcfg.save(tmp)  # written last: a folder without flash.json is not a model
         os.replace(tmp, out)  # an empty folder of that name is replaced
