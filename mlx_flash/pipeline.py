@@ -48,6 +48,7 @@ from .split import is_tied, layer_ranges, owns, rank_folder
 from .system import release_pages
 from .watchdog import Watchdog
 
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # what a hidden state can be, by the code sent for it
 DEFAULT_TIMEOUT = 300.0  # seconds a rank waits for a peer (a whole prompt chunk of the ranks before it fits)
 
 
@@ -100,6 +101,7 @@ class Link:
         self.pending: List[mx.array] = []
         self.recv_s = self.send_s = self.token_s = 0.0  # waits: for activations, for a send, for the token
         self.bytes_sent = self.bytes_received = 0
+        self.dtype, self.announced = None, False  # of the hidden states received; whether ours were named
         self.watchdog = Watchdog()
 
     @contextmanager
@@ -120,15 +122,26 @@ class Link:
         return 1 - self.rank if self.size == 2 else None
 
     def recv(self, like: mx.array) -> mx.array:
-        x = mx.distributed.recv_like(like, self.rank - 1, group=self.group)
+        """The previous rank's hidden state, shaped as `like` (what the embeddings here would give). Its dtype
+        is the previous layer's output's, which may differ from the embeddings' (float16 embeddings meet
+        float32 norms in the built-in model): the previous rank names it once, before the first one."""
         t = time.perf_counter()
         with self.waiting(f"waiting for rank {self.rank - 1}'s activations", self.rank - 1):
+            if self.dtype is None:
+                code = mx.distributed.recv((1,), mx.int32, self.rank - 1, group=self.group).item()
+                self.dtype = DTYPES[code]
+            x = mx.distributed.recv(like.shape, self.dtype, self.rank - 1, group=self.group)
             mx.eval(x)
         self.recv_s += time.perf_counter() - t
         self.bytes_received += x.nbytes
         return x
 
     def send(self, y: mx.array):
+        if not self.announced:  # the dtype first, once (sent now: the sends of a pass have no order)
+            with self.waiting(f"sending to rank {self.rank + 1}", self.rank + 1):
+                mx.eval(mx.distributed.send(mx.array([DTYPES.index(y.dtype)], mx.int32), self.rank + 1,
+                                            group=self.group))
+            self.announced = True
         self.pending.append(mx.distributed.send(y, self.rank + 1, group=self.group))
         self.bytes_sent += y.nbytes
 

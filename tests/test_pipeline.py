@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 81, 200, 9]
 NEW = 10
 FLASH = {"prefill_step": 5}  # the prompt in three chunks
-MODELS = {
-    "opt": lambda d: make_opt(d, do_layer_norm_before=True, num_hidden_layers=4, seed=0),
-    "llama": lambda d: make_llama(d, hidden_act="relu", tie_word_embeddings=False, num_hidden_layers=4, seed=0),
+MODELS = {  # name: (maker, convert's options)
+    "opt": (lambda d: make_opt(d, do_layer_norm_before=True, num_hidden_layers=4, seed=0), {}),
+    # float16 embeddings (tied: on both ranks) and float32 norms: the hidden states passed on are float32
+    "llama": (lambda d: make_llama(d, hidden_act="relu", tie_word_embeddings=True, num_hidden_layers=4, seed=0),
+              {"dtype": "float16"}),
 }
 
 
@@ -39,9 +41,9 @@ def split_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     out = {}
-    for name, make in MODELS.items():
+    for name, (make, options) in MODELS.items():
         make(root / f"{name}-src")
-        whole = convert(str(root / f"{name}-src"), root / name, quiet=True)
+        whole = convert(str(root / f"{name}-src"), root / name, quiet=True, **options)
         train(whole, tokens=2048, seq_len=128, epochs=4, progress=False)
         split(whole, 2, root / f"{name}-split", quiet=True)  # the ranks' folders: <prefix>-rank<r>-of-2
         out[name] = whole, root / f"{name}-split"
