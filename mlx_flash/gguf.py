@@ -482,9 +482,9 @@ def load_gguf(path: Path) -> Tuple[dict, Dict[str, mx.array], dict]:
         if isinstance(w, tuple):
             quant[module] = _QUANTIZED[T(kind)][1]
     if quant:
-        # mlx-lm's convention: a default (the most common) plus per-module overrides
+        # mlx-lm's convention: a default (the most common; on a tie, the most bits) plus per-module overrides
         kinds = [tuple(sorted(q.items())) for q in quant.values()]
-        default = dict(max(set(kinds), key=kinds.count))
+        default = dict(max(sorted(set(kinds)), key=lambda k: (kinds.count(k), dict(k)["bits"])))
         config["quantization"] = {**default, **{m: q for m, q in quant.items() if q != default}}
 
     def number(key):
