@@ -224,6 +224,30 @@ def test_prompt_experts_multiply_in_numpy(moe, arch, quantized, monkeypatch):
     assert relative(prefilled_logits(ref_model, ids, 7, tokens), ref) <= TOL  # mlx-lm's own SwitchGLU, swapped
 
 
+def test_mxfp4_experts_as_mlx_lm_quantizes_gpt_oss(moe, direct_root, monkeypatch):
+    """gpt-oss as mlx-community ships it: experts in MLX's mxfp4, the rest 8-bit affine (mlx-lm's converter with
+    a per-module predicate). convert copies the experts' bits (uint8 E8M0 scales, no biases) and keeps the
+    mode; flash mode gives mlx-lm's logits, decoding (gather_qmm, mxfp4) and through the numpy prefill."""
+    def mxfp4_experts(path, module):
+        mode = "mxfp4" if ".experts." in path else "affine"
+        return {"group_size": 32, "bits": 4 if mode == "mxfp4" else 8, "mode": mode}
+
+    src = make_moe(direct_root / "gpt_oss-mxfp4", "gpt_oss", quantized=True, quant_predicate=mxfp4_experts)
+    folder = convert(str(src), direct_root / "gpt_oss-mxfp4.flash", quiet=True)
+    store = ExpertStore.load(folder)
+    assert store.quantization == {"bits": 4, "group_size": 32, "mode": "mxfp4"}
+    assert store.layout.field("down_proj.scales").dtype == "uint8" and not any(
+        f.name.endswith(".biases") for f in store.layout.fields)
+    ref_model = reference_model(src)
+    ref = generate_logits(ref_model, 8)
+    tokens = [int(r.argmax()) for r in ref[len(PROMPT) - 1 : -1]]
+    model, _ = load_flash(folder, "flash", slots=SLOTS)
+    assert relative(teacher_logits(model, tokens), ref) <= TOL
+    monkeypatch.setattr(prefill_module, "numpy_is_faster", lambda: True)
+    model, _ = load_flash(folder, "flash", slots=SLOTS, prompt_mode="pass")
+    assert relative(prefilled_logits(model, PROMPT, 4, tokens), ref[len(PROMPT) - 1 :]) <= TOL
+
+
 def test_numpy_activations_are_mlx_lm_s():
     """SwiGLU and gpt-oss's clamped SwigluOAI in numpy, on values beyond the clamp, equal mlx-lm's."""
     from mlx_lm.models.activations import SwigluOAI
