@@ -224,7 +224,7 @@ def test_prompt_experts_multiply_in_numpy(moe, arch, quantized, monkeypatch):
     assert relative(prefilled_logits(ref_model, ids, 7, tokens), ref) <= TOL  # mlx-lm's own SwitchGLU, swapped
 
 
-def test_mxfp4_experts_as_mlx_lm_quantizes_gpt_oss(moe, direct_root, monkeypatch):
+def test_mxfp4_experts_as_mlx_lm_quantizes_gpt_oss(direct_root, monkeypatch):
     """gpt-oss as mlx-community ships it: experts in MLX's mxfp4, the rest 8-bit affine (mlx-lm's converter with
     a per-module predicate). convert copies the experts' bits (uint8 E8M0 scales, no biases) and keeps the
     mode; flash mode gives mlx-lm's logits, decoding (gather_qmm, mxfp4) and through the numpy prefill."""
