@@ -12,6 +12,10 @@ way. Per expert, the pairs routed to it:
     g, u = xe @ gate_e.T (+ bias), xe @ up_e.T (+ bias)         # (m, d_ff); e's weights dequantized once
     y[pairs] = act(u, g) @ down_e.T (+ bias)                    # (m, d_model)
 
+e's weights are sliced from numpy views of the stacked arrays (the slot buffer itself in flash mode) and
+dequantized by flash.sparsity.dequantize (affine 4 and 8 bits in numpy), MLX for other modes (mxfp4);
+the products run on one BLAS thread (`one_blas_thread`).
+
 with the activation of the SwitchGLU (SwiGLU: silu(g) * u for Qwen3-MoE and Mixtral; gpt-oss's
 SwigluOAI: the gate clipped from above, the linear part clipped both ways and shifted by one, exactly as
 mlx-lm's `swiglu_oai`; any other by MLX). The output is the SwitchGLU's, (..., k, d_model), in its dtype:
@@ -28,8 +32,6 @@ from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 from .sparsity import dequantize
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-
-
 NUMPY_DTYPES = (mx.float16, mx.float32, mx.uint32, mx.uint8)  # MLX arrays numpy views without a copy
 
 
