@@ -26,6 +26,7 @@ SMALL = {
     "mlx_flash.generate": ["-m", "3"],
     "mlx_flash.evaluate": ["--tokens", "8", "--starts", "0", "--greedy", "0"],
     "mlx_flash.train_predictors": ["--tokens", "256", "--epochs", "1"],
+    "mlx_flash.launch": ["-m", "3"],  # the command after `--` gets it: generate's
 }
 # runpy runs a command module that the package has imported already, as `python -m` would not
 pytestmark = pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
