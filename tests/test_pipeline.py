@@ -127,6 +127,16 @@ def test_a_rank_given_another_ranks_folder_refuses(split_models):
     assert errors[0].startswith("error: rank 0: ") and "holds rank 1's layers 2-3" in errors[0]
 
 
+def test_ranks_of_different_splits_refuse(split_models, tmp_path):
+    mixed = tmp_path / "mixed"  # rank 0's folder from the OPT split, rank 1's from the Llama one
+    (tmp_path / "mixed-rank0-of-2").symlink_to(f"{split_models['opt'][1]}-rank0-of-2")
+    (tmp_path / "mixed-rank1-of-2").symlink_to(f"{split_models['llama'][1]}-rank1-of-2")
+    p = launch("generate", "--model", str(mixed), "--pipeline", "-m", "2", timeout=60)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
+    assert errors[0].startswith("error: rank 1: ") and "another split or model than rank 0's" in errors[0]
+
+
 def rank_pid(root_pid: int, rank: int) -> int:
     """The process of `rank` among the launcher's descendants (mlx.launch sets MLX_RANK)."""
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
