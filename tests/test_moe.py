@@ -248,6 +248,31 @@ def test_mxfp4_experts_as_mlx_lm_quantizes_gpt_oss(direct_root, monkeypatch):
     assert relative(prefilled_logits(model, PROMPT, 4, tokens), ref[len(PROMPT) - 1 :]) <= TOL
 
 
+@pytest.mark.parametrize("mode", ["pass", "window"])
+def test_numpy_prompt_stays_within_the_planned_working_memory(moe, mode, monkeypatch):
+    """What numpy allocates for a prompt's chunk (tracemalloc sees numpy's buffers: dequantized experts, the
+    pairs' inputs and outputs, the attention's float32 copies) stays within the plan's working memory, which
+    counts an expert's float32 weights and the chunk's pairs (flash.budget.numpy_expert_bytes)."""
+    import tracemalloc
+
+    from mlx_flash.flash import budget
+
+    monkeypatch.setattr(prefill_module, "numpy_is_faster", lambda: True)
+    monkeypatch.setattr(budget, "numpy_is_faster", lambda: True)
+    _, folder = moe("gpt_oss", True)
+    model, store = load_flash(folder, "flash", slots=SLOTS, prompt_mode=mode, prefill_step=16)
+    ids = np.random.default_rng(3).integers(3, 500, 33).tolist()
+    prefill(model, make_prompt_cache(model), ids[:17], 16)  # first use: threadpoolctl's imports
+    tracemalloc.start()
+    try:
+        prefill(model, make_prompt_cache(model), ids[:-1], 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    pl = model.flash_plan
+    assert pl.prefill_step == 16 and 3 * 4 * store.d_model * store.d_ff < peak <= pl.working
+
+
 def test_numpy_activations_are_mlx_lm_s():
     """SwiGLU and gpt-oss's clamped SwigluOAI in numpy, on values beyond the clamp, equal mlx-lm's."""
     from mlx_lm.models.activations import SwigluOAI
