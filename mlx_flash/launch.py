@@ -76,6 +76,8 @@ def describe(rank: int, code: int) -> str:
 
 def run(args, command) -> int:
     proc = subprocess.Popen(launch_command(args, command), stderr=subprocess.PIPE, start_new_session=True)
+    # stopped itself (a server's end), it stops every rank: they are in mlx.launch's session, not ours
+    signal.signal(signal.SIGTERM, lambda *_: (os.killpg(proc.pid, signal.SIGTERM), sys.exit(128 + signal.SIGTERM)))
     watch = Watch(proc)
     try:
         while proc.poll() is None:

@@ -10,8 +10,8 @@ the last rank the final norm and the LM head. The model is the whole architectur
 or ours for OPT), so every architecture pipelines the same way:
   - a layer another rank runs is a PassThrough: its input goes on untouched and its cache only counts
     the tokens (the models build the attention mask from cache[0]'s offset);
-  - the rank's first layer takes its input from rank r-1 (`recv_like`: the embeddings computed above
-    it are never evaluated), its last layer sends its output to rank r+1;
+  - the rank's first layer takes its input from rank r-1 (`recv`: the embeddings computed above it
+    are never evaluated), its last layer sends its output to rank r+1;
   - the last rank computes the logits and samples; the token reaches every rank in an all_sum (the
     others add 0), so rank 0 embeds it next and every rank stops at the same token.
 A token is one trip through the ranks: they take turns, they do not overlap (one sequence). What a
@@ -23,7 +23,6 @@ peer that stops answering without closing them is caught by a watchdog process (
 (mlx_flash.launch stops the rest).
 """
 
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -44,7 +43,7 @@ from .format import RESIDENT_FILE, FlashConfig
 from .load import attach_dense, is_flash_folder
 from .models.architectures import architecture
 from .sources import instantiate, load_tokenizer, quantize_like
-from .split import is_tied, layer_ranges, owns, rank_folder
+from .split import is_tied, owns, rank_folder
 from .system import release_pages
 from .watchdog import Watchdog
 
@@ -166,6 +165,12 @@ class Link:
         self.bytes_sent += mine.nbytes if self.last else 0
         return out
 
+    def control(self, go: int, watched: bool = True) -> int:
+        """Rank 0's word to every rank: its `go` (the others' count for nothing)."""
+        mine = mx.array([go if self.rank == 0 else 0], mx.int32)
+        with self.waiting("waiting for rank 0", 0) if watched else nullcontext():
+            return mx.distributed.all_sum(mine, group=self.group).item()
+
     def gather(self, row: List[float]) -> np.ndarray:
         """(size, len(row)): every rank's row (the others' rows are zeros in each contribution)."""
         a = np.zeros((self.size, len(row)), np.float64)
@@ -234,11 +239,11 @@ class Stage(nn.Module):
         self.ffn_spec = ffn_spec
 
 
-def load_rank(folder: Path, link_rank: int, ranks: int, mode: str = "dense", **flash_options):
+def load_rank(folder: Path, rank: int, ranks: int, mode: str = "dense", **flash_options):
     """The whole model with this rank's layers, embeddings or head loaded and every other layer a
     PassThrough; returns (model, cfg, stage). Weights not held stay unevaluated (never allocated)."""
     cfg = FlashConfig.load(folder)
-    check_rank(folder, cfg, link_rank, ranks)
+    check_rank(folder, cfg, rank, ranks)
     cfg.check_files(folder)
     start, end = cfg.pipeline["layers"]
     model = instantiate(cfg.model_config)
@@ -259,10 +264,10 @@ def load_rank(folder: Path, link_rank: int, ranks: int, mode: str = "dense", **f
     quantize_like(model, weights, cfg.model_config.get("quantization"))
     params = dict(tree_flatten(model.parameters()))
     tied = is_tied(params)
-    need = {k for k in params if owns(k, link_rank, ranks, (start, end), tied)}
+    need = {k for k in params if owns(k, rank, ranks, (start, end), tied)}
     wrong = sorted(need ^ set(weights)) + sorted(k for k in need & set(weights) if params[k].shape != weights[k].shape)
     if wrong:
-        raise FlashError(f"{folder / RESIDENT_FILE} does not hold rank {link_rank}'s weights: {wrong[0]}"
+        raise FlashError(f"{folder / RESIDENT_FILE} does not hold rank {rank}'s weights: {wrong[0]}"
                          f"{f' (and {len(wrong) - 1} more)' if len(wrong) > 1 else ''}")
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(list(weights.values()), [b for b in down_bias if b is not None])
@@ -276,7 +281,7 @@ def load_rank(folder: Path, link_rank: int, ranks: int, mode: str = "dense", **f
         _, transient, item = resident_facts(model, [])  # the activations' dtype, the head's per-token cost
         resident = sum(v.nbytes for v in weights.values()) + sum(b.nbytes for b in down_bias if b is not None)
         attach_flash(stage, folder, _plan_config(cfg), down_bias,
-                     facts=(resident, transient if link_rank == ranks - 1 else 0, item), **flash_options)
+                     facts=(resident, transient if rank == ranks - 1 else 0, item), **flash_options)
         for k in ("kv_step", "flash_stats", "flash_plan", "flash_prefetch", "flash_reader"):
             setattr(model, k, getattr(stage, k))
     else:
@@ -324,10 +329,12 @@ def prefill_chunk(model) -> int:
 
 def generate_tokens(model, prompt: List[int], max_tokens: int, sampler, prefill_step: int,
                     link: Optional[Link] = None, layers: Optional[Tuple[int, int]] = None,
-                    eos=()) -> Iterator[Tuple[int, Optional[mx.array]]]:
+                    eos=(), steered: bool = False) -> Iterator[Tuple[int, Optional[mx.array]]]:
     """Yields (token, its logits on the last rank, else None) as mlx-lm's generate_step does after
     generate.stream's prompt: all but the prompt's last token in chunks (numpy's matmuls on a CPU, as
-    flash.prefill), then one token at a time. Every rank runs this same loop, in step."""
+    flash.prefill), then one token at a time. Every rank runs this same loop, in step.
+    steered: rank 0 may stop early (a server's client left or hit a stop string): before each token
+    it tells the others whether to go on (Leader.stream)."""
     cache = model.make_cache()
     mine = cache[slice(*layers)] if layers else cache  # a PassThrough's cache holds nothing to evaluate
     head, y = list(prompt[:-1]), list(prompt[-1:])
@@ -335,6 +342,8 @@ def generate_tokens(model, prompt: List[int], max_tokens: int, sampler, prefill_
         for i in range(0, len(head), prefill_step):
             step(model, cache, mine, head[i : i + prefill_step], link, False)
     for _ in range(max_tokens):
+        if steered and not link.control(1):  # rank 0 says 0 once its consumer has stopped (Leader.stream)
+            return
         logits = step(model, cache, mine, y, link, True)
         token = None
         if logits is not None:
@@ -385,13 +394,19 @@ def plan_lines(layers: np.ndarray, rows: np.ndarray, mode: str) -> List[str]:
             for r, ((a, b), (res, kv, win, tot, bud)) in enumerate(zip(layers, rows))]
 
 
+# MARK: - generate --pipeline
+
+
 def agree(link: Link, failure: Optional[str]):
-    """Every rank learns whether one failed; the first that did says why (one line), the rest exit quietly."""
+    """Every rank learns whether one failed; the first that did says why (one line), the rest exit quietly
+    once it has (a rank that exits first gets the others stopped by mlx.launch, perhaps before they speak)."""
     failed = link.gather([1.0 if failure else 0.0])[:, 0]
+    if not failed.any():
+        return
     if failure and not failed[: link.rank].any():
-        raise FlashError(f"rank {link.rank}: {failure}")
-    if failed.any():
-        sys.exit(2)
+        print(f"error: rank {link.rank}: {failure}", file=sys.stderr, flush=True)
+    link.gather([0.0])  # said
+    sys.exit(2)
 
 
 def attempt(fn):
@@ -404,8 +419,8 @@ def attempt(fn):
 
 def figures_row(model, link: Link, layers, seconds: float, tokens: int, waits: Tuple[float, float, float],
                 sent: int) -> List[float]:
-    """This rank's row of figures (RankFigures.FIELDS order, after the layer range) over `tokens` decode
-    tokens of `seconds`; waits: the link's (recv, send, token) seconds over them."""
+    """This rank's row of figures (RankFigures' fields, flat) over `tokens` decode tokens of `seconds`
+    (flash statistics reset at their start); waits: the link's (recv, send, token) seconds over them."""
     t = max(tokens, 1)
     ms = lambda s: 1000.0 * s / t
     recv, send, token = waits
@@ -431,12 +446,10 @@ def figure_lines(rows: np.ndarray, token_ms: float) -> List[str]:
     return lines
 
 
-def generate_main(args, options: dict, prompt_of):
-    """generate --pipeline on this rank: load its part, agree with the others, generate; rank 0 prints
-    the text, the plan per rank before it and the figures per rank after it (stderr).
-    prompt_of(tokenizer): the prompt's token ids (every rank computes the same)."""
-    from mlx_lm.sample_utils import make_sampler
-
+def join(args, options: dict):
+    """Start this rank (args: --model, --mode, --pipeline-timeout), load its part of the model, agree with
+    the others that every rank holds its part of one split; rank 0 prints what each rank holds.
+    Returns (link, model, cfg, tokenizer)."""
     link = start(args.pipeline_timeout)
     rank, size = link.rank, link.size
     folder, failure = attempt(lambda: rank_model_folder(args.model, rank, size))
@@ -447,13 +460,23 @@ def generate_main(args, options: dict, prompt_of):
     ids = link.gather([int(cfg.pipeline["split_id"][:6], 16)])[:, 0]  # 24 bits: exact in float32
     agree(link, None if ids[rank] == ids[0] else
           f"{folder} is from another split or model than rank 0's folder: split the model again for all ranks")
-    tokenizer = load_tokenizer(folder)
-    prompt, failure = attempt(lambda: prompt_of(tokenizer, model))
-    agree(link, failure)
     rows = link.gather([*cfg.pipeline["layers"]] + plan_row(model))
     if rank == 0:
         for line in plan_lines(rows[:, :2], rows[:, 2:], args.mode):
             print(line, file=sys.stderr)
+    return link, model, cfg, load_tokenizer(folder)
+
+
+def generate_main(args, options: dict, prompt_of):
+    """generate --pipeline on this rank: load its part, agree with the others, generate; rank 0 prints
+    the text, the plan per rank before it and the figures per rank after it (stderr).
+    prompt_of(tokenizer, model): the prompt's token ids (every rank computes the same)."""
+    from mlx_lm.sample_utils import make_sampler
+
+    link, model, cfg, tokenizer = join(args, options)
+    rank, size = link.rank, link.size
+    prompt, failure = attempt(lambda: prompt_of(tokenizer, model))
+    agree(link, failure)
 
     if args.seed is not None:
         mx.random.seed(args.seed)
@@ -468,9 +491,11 @@ def generate_main(args, options: dict, prompt_of):
     for token, _ in generate_tokens(model, prompt, args.max_tokens, sampler, chunk, link,
                                     tuple(cfg.pipeline["layers"]), eos):
         n += 1
-        if first is None:
+        if first is None:  # the prompt is done: the figures are the decode steps' from here
             first = time.perf_counter() - t0
             mark = (time.perf_counter(), link.recv_s, link.send_s, link.token_s, link.bytes_sent)
+            if getattr(model, "flash_stats", None) is not None:
+                model.flash_stats.reset()
         if token in eos:
             break
         if rank == 0:
@@ -490,3 +515,42 @@ def generate_main(args, options: dict, prompt_of):
               file=sys.stderr)
         for line in figure_lines(rows, token_ms):
             print(line, file=sys.stderr)
+
+
+# MARK: - the server: rank 0 serves, the other ranks follow its requests
+
+
+def tell(link: Link, ids: List[int], max_tokens: int, temp: float, top_p: float, seed: Optional[int]):
+    """Rank 0 sends a request to the other ranks (no ids: the server is stopping)."""
+    head = mx.array([len(ids), max_tokens, -1 if seed is None else seed], mx.int32)
+    mx.eval(mx.distributed.all_sum(head, group=link.group), mx.distributed.all_sum(
+        mx.array([temp, top_p], mx.float32), group=link.group))
+    if ids:
+        with link.waiting("sending a request", None):
+            mx.eval(mx.distributed.all_sum(mx.array(ids, mx.int32), group=link.group))
+
+
+def follow(model, cfg: FlashConfig, link: Link, tokenizer):
+    """A rank other than 0 of a pipelined server: run each request rank 0 tells, until it stops."""
+    from mlx_lm.sample_utils import make_sampler
+
+    eos, layers = set(tokenizer.eos_token_ids), tuple(cfg.pipeline["layers"])
+    while True:
+        head = mx.distributed.all_sum(mx.zeros((3,), mx.int32), group=link.group)  # idle: not watched
+        floats = mx.distributed.all_sum(mx.zeros((2,), mx.float32), group=link.group)
+        try:
+            mx.eval(head, floats)
+        except RuntimeError:
+            raise FlashError(f"rank {link.rank}: lost the connection to rank 0 (it stopped or cannot be reached)")
+        n, max_tokens, seed = head.tolist()
+        if n == 0:
+            return
+        temp, top_p = floats.tolist()
+        with link.waiting("waiting for rank 0's request", 0):
+            ids = mx.distributed.all_sum(mx.zeros((n,), mx.int32), group=link.group).tolist()
+        if seed >= 0:
+            mx.random.seed(seed)
+        sampler = make_sampler(temp=temp, top_p=top_p) if link.last else None
+        for _ in generate_tokens(model, ids, max_tokens, sampler, prefill_chunk(model), link, layers, eos,
+                                 steered=True):
+            pass

@@ -35,9 +35,13 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 from urllib.parse import urlsplit
 
+import mlx.core as mx
+
+from . import pipeline
 from .conversation import Conversation
 from .errors import FlashError, cli
-from .generate import Response, StopFilter, add_model_arguments, check_context, flash_options, stream
+from .generate import (Response, StopFilter, add_model_arguments, check_context, flash_options, flash_snapshot,
+                       stream)
 from .load import load
 from .prepare import model_for
 from .sizes import parse_size
@@ -257,8 +261,10 @@ class Engine:
     """One model and tokenizer; generates one request at a time, in arrival order."""
 
     def __init__(self, model, tokenizer, model_id: str, mode: str = "dense",
-                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, aliases=(), log=None, keep_cache: bool = True):
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, aliases=(), log=None, keep_cache: bool = True,
+                 streamer=stream):
         self.model, self.tokenizer = model, tokenizer
+        self.stream = streamer  # generate.stream, or rank 0's of a pipeline (pipeline.Leader.stream)
         # the last conversation's KV cache, reused by the next request's common prefix (conversation.py)
         self.conversation = Conversation(model) if keep_cache else None
         self.model_id, self.mode = model_id, mode
@@ -314,8 +320,8 @@ class Engine:
                 return
             stop = StopFilter(req.stop)
             # closed here, before the model is released: closing records what the kept cache holds
-            with closing(stream(self.model, self.tokenizer, ids, req.max_tokens, req.temperature, req.top_p,
-                                req.seed, conversation=self.conversation)) as responses:
+            with closing(self.stream(self.model, self.tokenizer, ids, req.max_tokens, req.temperature, req.top_p,
+                                     req.seed, conversation=self.conversation)) as responses:
                 for r in responses:
                     rec.completion_tokens, rec.tokens_per_second = r.generation_tokens, r.generation_tps
                     rec.cached_tokens, rec.ttft = r.cached_tokens, r.ttft
@@ -339,6 +345,53 @@ class Engine:
                          f"token after {rec.ttft:.2f} s), {rec.completion_tokens} "
                          f"generated, {rec.tokens_per_second:.1f} tokens/s, {rec.finish or 'aborted'}")
             self.queue.release()
+
+
+# MARK: - A pipeline's rank 0
+
+
+class Leader:
+    """Rank 0 of a pipelined server (mlx_flash.pipeline): `stream` stands in for generate.stream in Engine,
+    telling the other ranks each request (its token ids and sampling) and, before each token, whether to
+    go on."""
+
+    def __init__(self, model, cfg, link: "pipeline.Link"):
+        self.model, self.layers, self.link = model, tuple(cfg.pipeline["layers"]), link
+
+    def stream(self, model, tokenizer, prompt, max_tokens, temp=0.0, top_p=1.0, seed=None, stop=None,
+               conversation=None) -> Iterator:
+        assert conversation is None, "a pipeline keeps no conversation cache"
+        ids = list(prompt)
+        pipeline.tell(self.link, ids, max_tokens, temp, top_p, seed)
+        t0, detok, eos = time.perf_counter(), tokenizer.detokenizer, set(tokenizer.eos_token_ids)
+        stats = getattr(model, "flash_stats", None)
+        if stats is not None:
+            stats.reset()
+        tokens = pipeline.generate_tokens(model, ids, max_tokens, None, pipeline.prefill_chunk(model), self.link,
+                                          self.layers, eos, steered=True)
+        n, ttft, done = 0, None, False
+        try:
+            for token, _ in tokens:
+                n += 1
+                ttft = ttft or time.perf_counter() - t0
+                done = token in eos or n == max_tokens
+                if token not in eos:
+                    detok.add_token(token)
+                if done:
+                    detok.finalize()
+                rate = (n - 1) / (time.perf_counter() - t0 - ttft) if n > 1 else 0.0
+                yield Response(detok.last_segment, token, len(ids), len(ids) / ttft, n, rate,
+                               mx.get_peak_memory() / 1e9, ("stop" if token in eos else "length") if done else None,
+                               flash_snapshot(model), 0, ttft)
+                if done:
+                    return
+        finally:
+            if not done:  # the server stopped early: the other ranks wait at the next token's word
+                tokens.close()
+                self.link.control(0)
+
+    def quit(self):
+        pipeline.tell(self.link, [], 0, 0.0, 1.0, None)
 
 
 # MARK: - Replies
@@ -665,6 +718,12 @@ def setup_arg_parser():
                    help="keep the last conversation's KV cache and compute only what a request adds to it "
                         "(default: on; its memory is the context the budget plans)")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--pipeline", action="store_true",
+                   help="a model split over several machines (mlx_flash.split): rank 0 serves, the other ranks follow "
+                        "its requests; start every rank with python -m mlx_flash.launch --ranks N -- server ... "
+                        "--pipeline (no kept conversation cache)")
+    p.add_argument("--pipeline-timeout", type=float, default=None,
+                   help="--pipeline: seconds to wait for another rank within a request (default: 300)")
     return p
 
 
@@ -684,15 +743,28 @@ def main(argv=None):
         raise FlashError("--max-body must be at least 1 byte")
     if not 0 <= args.port <= 65535:
         raise FlashError(f"--port must be in 0..65535, got {args.port}")
-    model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
+    leader = None
+    if args.pipeline:  # one rank of several (mlx_flash.pipeline): rank 0 serves, the others follow it
+        args.pipeline_timeout = args.pipeline_timeout or pipeline.DEFAULT_TIMEOUT
+        link, model, cfg, tokenizer = pipeline.join(args, flash_options(args))
+        if link.rank != 0:
+            return pipeline.follow(model, cfg, link, tokenizer)
+        leader = Leader(model, cfg, link)
+    elif args.pipeline_timeout is not None:
+        raise FlashError("--pipeline-timeout applies to --pipeline only")
+    else:
+        model, tokenizer = load(model_for(args.model, args.mode), mode=args.mode, **flash_options(args))
     engine = Engine(model, tokenizer, model_id(args.model), args.mode, args.max_prompt_tokens,
-                    aliases=[args.model], log=log, keep_cache=args.keep_cache)
+                    aliases=[args.model], log=log, keep_cache=args.keep_cache and leader is None,
+                    streamer=leader.stream if leader else stream)
     httpd = make_server(engine, args.host, args.port, max_body=args.max_body, quiet=args.quiet)
     print(f"serving {engine.model_id} on {httpd.url}", flush=True)
     try:
         httpd.serve_forever()
     finally:
         httpd.server_close()
+        if leader is not None:
+            leader.quit()  # the other ranks stop following
 
 
 if __name__ == "__main__":

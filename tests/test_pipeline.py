@@ -2,12 +2,14 @@
 the same tokens and logits as one process, dense and flash, on two architectures; per-rank files;
 a dead, a stopped and a misconfigured rank each end the run with one line and a non-zero exit."""
 
+import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlx.core as mx
@@ -117,6 +119,38 @@ def test_generate_command_prints_the_one_process_text(split_models):
     lines = p.stderr.splitlines()
     assert lines[0].startswith("rank 0: layers 0-1 | resident") and lines[1].startswith("rank 1: layers 2-3 |")
     assert any(l.startswith("rank 1 (layers 2-3): busy") and "bytes sent/token" in l for l in lines)
+
+
+def test_the_server_on_rank_0_answers_as_one_process(split_models, tmp_path):
+    whole, prefix = split_models["opt"]
+    err = tmp_path / "err.txt"
+    with open(err, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "mlx_flash.launch", "--ranks", "2", "--", "server", "--model",
+                              str(prefix), "--mode", "flash", "--pipeline", "--port", "0", "--quiet"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=f, stdin=subprocess.DEVNULL, text=True)
+    try:
+        url = p.stdout.readline().split(" on ")[-1].strip()  # "serving opt on http://127.0.0.1:PORT"
+        assert url.startswith("http://"), err.read_text()
+
+        def complete(prompt, **kw):
+            body = json.dumps({"prompt": prompt, "max_tokens": 6, "temperature": 0, **kw}).encode()
+            try:
+                with urllib.request.urlopen(f"{url}/v1/completions", body, timeout=60) as r:
+                    return json.loads(r.read())["choices"][0]
+            except urllib.error.HTTPError as e:
+                raise AssertionError(f"{e}: {e.read()}\n{err.read_text()}")
+
+        model, tok = load(str(whole), "flash")
+        want = "".join(r.text for r in stream(model, tok, "hello world", max_tokens=6))
+        assert complete("hello world") == {"index": 0, "text": want, "logprobs": None, "finish_reason": "length"}
+        stop = want[2:4]
+        cut = complete("hello world", stop=[stop])  # rank 0 stops early: the others are told
+        assert cut == {"index": 0, "text": want[: want.index(stop)], "logprobs": None, "finish_reason": "stop"}
+        want = "".join(r.text for r in stream(model, tok, "the other ranks follow", max_tokens=6))
+        assert complete("the other ranks follow")["text"] == want
+    finally:
+        p.terminate()
+        assert p.wait(timeout=30) != 0
 
 
 def test_a_rank_given_another_ranks_folder_refuses(split_models):

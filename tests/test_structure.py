@@ -34,7 +34,7 @@ LAYERS = [
      "mlx_flash.bench.cgroup", "mlx_flash.bench.scale", "mlx_flash.bench.synthetic",
      "mlx_flash.bench.same_budget", "mlx_flash.bench.probe", "mlx_flash.bench.windowing", "mlx_flash.bench.matmul",
      "mlx_flash.bench.cli", "mlx_flash.bench.moe", "mlx_flash.bench.moe_prompt", "mlx_flash.bench.moe_synthetic", "mlx_flash.bench.calibration", "mlx_flash.bench.prompts", "mlx_flash.bench.chat", "mlx_flash.probe", "mlx_flash.bench.peer",
-     "mlx_flash.bench.peer_build", "mlx_flash.bench.peer_model"},
+     "mlx_flash.bench.peer_build", "mlx_flash.bench.peer_model", "mlx_flash.bench.pipeline"},
     {"mlx_flash.demo"},  # the whole pipeline, the benchmark's same-budget rows included
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
