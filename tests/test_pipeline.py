@@ -153,12 +153,17 @@ def test_the_server_on_rank_0_answers_as_one_process(split_models, tmp_path):
         assert p.wait(timeout=30) != 0
 
 
-def test_a_rank_given_another_ranks_folder_refuses(split_models):
+@pytest.mark.parametrize("args, says", [
+    (["--model", "{prefix}-rank1-of-2"], "error: rank 0: {prefix}-rank1-of-2 holds rank 1's layers 2-3, not this"),
+    (["--model", "{prefix}", "--mode", "flash", "--dram-budget", "10K"], "error: rank 0: a DRAM budget of 0.0 MB "
+                                                                         "cannot hold this model in flash mode"),
+])
+def test_a_rank_refuses_another_ranks_folder_or_a_budget_it_cannot_meet(split_models, args, says):
     _, prefix = split_models["llama"]
-    p = launch("generate", "--model", f"{prefix}-rank1-of-2", "--pipeline", "-m", "2", timeout=60)
+    p = launch("generate", *(a.format(prefix=prefix) for a in args), "--pipeline", "-m", "2", timeout=60)
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
-    assert p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1
-    assert errors[0].startswith("error: rank 0: ") and "holds rank 1's layers 2-3" in errors[0]
+    assert p.returncode != 0 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
+    assert errors[0].startswith(says.format(prefix=prefix)), errors[0]
 
 
 def test_ranks_of_different_splits_refuse(split_models, tmp_path):
