@@ -216,3 +216,19 @@ def test_a_dead_or_silent_rank_ends_the_run_in_one_line(split_models, sig, tmp_p
         assert "rank 1" in errors[0] and took < 10
     else:  # the watchdog: 2 s, then the launcher's grace for the stopped rank
         assert errors[0].startswith("error: rank 0: waiting for") and "within 2 s" in errors[0] and took < 20
+
+
+def test_the_benchmark_runs_and_counts_the_bytes_passed(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, "-m", "mlx_flash.bench.pipeline", "--geometry", "tiny-ffn", "--layers", "4",
+                        "--share", "1000%", "--tokens", "2", "--settle", "1", "--no-cgroup", "--dir",
+                        str(tmp_path / "syn"), "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    rows = np.array(res["ranks"]["rows"])
+    assert rows[:, :2].tolist() == [[0, 2], [2, 4]]
+    assert rows[:, 9].tolist() == [256 * 4, 4]  # per token: a float32 hidden state of d_model 256; the token
+    assert "| pipeline, 2 ranks |" in p.stdout and len(res["targets"]) == 2
+    assert {k.split("@")[0] for k in res["single"]} == {"naive", "all"}
+
