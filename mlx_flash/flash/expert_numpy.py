@@ -29,7 +29,7 @@ import numpy as np
 from mlx_lm.models.activations import SwigluOAI
 from mlx_lm.models.switch_layers import SwiGLU, SwitchGLU
 
-from .sparsity import dequantize
+from .sparsity import dequantize, swap_modules
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 NUMPY_DTYPES = (mx.float16, mx.float32, mx.uint32, mx.uint8)  # MLX arrays numpy views without a copy
@@ -166,21 +166,5 @@ class NumpySwitchGLU(nn.Module):
 
 
 def swap_switches(module: nn.Module, swapped: list):
-    """Put a NumpySwitchGLU in place of every SwitchGLU under `module`, appending (parent, key, original)
-    to `swapped` to put them back."""
-
-    def visit(parent, key, child):
-        if isinstance(child, NumpySwitchGLU):  # reached again through another module (FlashExperts.next)
-            return
-        if isinstance(child, SwitchGLU):
-            swapped.append((parent, key, child))
-            parent[key] = NumpySwitchGLU(child)
-        elif isinstance(child, dict):  # modules too
-            for k, v in list(child.items()):
-                visit(child, k, v)
-        elif isinstance(child, list):
-            for k, v in enumerate(child):
-                visit(child, k, v)
-
-    for k, v in module.children().items():
-        visit(module, k, v)
+    """Put a NumpySwitchGLU in place of every SwitchGLU under `module` (sparsity.swap_modules)."""
+    swap_modules(module, swapped, lambda c: NumpySwitchGLU(c) if isinstance(c, SwitchGLU) else None, NumpySwitchGLU)

@@ -297,17 +297,18 @@ class NumpyLinear(nn.Module):
         return mx.array(y).reshape(*x.shape[:-1], y.shape[-1]).astype(dtype)
 
 
-def swap_linears(module: nn.Module, swapped: list):
-    """Put a NumpyLinear in place of every Linear, affine QuantizedLinear and InOutLinear under `module`,
-    appending (parent, key, original) to `swapped` to put them back."""
+def swap_modules(module: nn.Module, swapped: list, numpy_version, done: type):
+    """Put numpy_version(child) in place of every module under `module` for which it is not None (looking
+    inside the others), appending (parent, key, original) to `swapped` to put them back; a `done` is one
+    swapped already (reached again through another module: FlashFFN.next, FlashExperts.next)."""
 
     def visit(parent, key, child):
-        if isinstance(child, NumpyLinear):  # reached again through another module (FlashFFN.next)
+        if isinstance(child, done):
             return
-        if isinstance(child, (nn.Linear, InOutLinear)) or (isinstance(child, nn.QuantizedLinear)
-                                                           and getattr(child, "mode", "affine") == "affine"):
+        new = numpy_version(child)
+        if new is not None:
             swapped.append((parent, key, child))
-            parent[key] = NumpyLinear(child)
+            parent[key] = new
         elif isinstance(child, dict):  # modules too
             for k, v in list(child.items()):
                 visit(child, k, v)
@@ -317,6 +318,18 @@ def swap_linears(module: nn.Module, swapped: list):
 
     for k, v in module.children().items():
         visit(module, k, v)
+
+
+def swap_linears(module: nn.Module, swapped: list):
+    """Put a NumpyLinear in place of every Linear, affine QuantizedLinear and InOutLinear under `module`."""
+
+    def numpy_version(child):
+        if isinstance(child, (nn.Linear, InOutLinear)) or (isinstance(child, nn.QuantizedLinear)
+                                                           and getattr(child, "mode", "affine") == "affine"):
+            return NumpyLinear(child)
+        return None
+
+    swap_modules(module, swapped, numpy_version, NumpyLinear)
 
 
 @dataclass
